@@ -1,0 +1,1 @@
+"""The in-VM agent (issue: the in-VM agent). Not built yet."""

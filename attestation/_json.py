@@ -1,0 +1,172 @@
+"""Strict readers for JSON documents (policy, evidence, claims): unknown keys, wrong types fail."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import TypeVar
+
+from attestation.errors import AttestationError, MalformedError
+
+__all__ = [
+    "ObjectReader",
+    "decode_b64",
+    "decode_hex",
+    "loads_object",
+]
+
+T = TypeVar("T")
+
+_MAX_DOCUMENT = 4 * 1024 * 1024
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_object(
+    data: bytes, *, what: str, error: type[AttestationError] = MalformedError
+) -> dict[str, object]:
+    """Parse ``data`` as one JSON object (UTF-8; duplicate keys, NaN and huge inputs refused)."""
+    if len(data) > _MAX_DOCUMENT:
+        raise error(f"{what}: larger than {_MAX_DOCUMENT} bytes")
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        value = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{what}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise error(f"{what}: expected a JSON object")
+    return value
+
+
+def decode_hex(
+    value: object,
+    *,
+    what: str,
+    length: int | None = None,
+    error: type[AttestationError] = MalformedError,
+) -> bytes:
+    """Lowercase or uppercase hex, with its byte length checked when ``length`` is given."""
+    if not isinstance(value, str):
+        raise error(f"{what}: expected a hex string")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError as exc:
+        raise error(f"{what}: not valid hex") from exc
+    if length is not None and len(raw) != length:
+        raise error(f"{what}: expected {length} bytes of hex, got {len(raw)}")
+    return raw
+
+
+def decode_b64(
+    value: object, *, what: str, error: type[AttestationError] = MalformedError
+) -> bytes:
+    """Standard base64 (padding required); URL-safe alphabet accepted."""
+    if not isinstance(value, str):
+        raise error(f"{what}: expected a base64 string")
+    try:
+        return base64.b64decode(value.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise error(f"{what}: not valid base64") from exc
+
+
+class ObjectReader:
+    """Reads the keys of one JSON object; :meth:`finish` fails on keys nobody asked for."""
+
+    def __init__(
+        self,
+        obj: object,
+        *,
+        what: str,
+        error: type[AttestationError] = MalformedError,
+    ) -> None:
+        if not isinstance(obj, Mapping):
+            raise error(f"{what}: expected a JSON object")
+        self._obj: Mapping[str, object] = obj
+        self._seen: set[str] = set()
+        self.what = what
+        self.error = error
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._obj
+
+    def raw(self, key: str, *, required: bool = False) -> object:
+        self._seen.add(key)
+        if key not in self._obj:
+            if required:
+                raise self.error(f"{self.what}: missing required key {key!r}")
+            return None
+        return self._obj[key]
+
+    def typed(self, key: str, kind: type[T], *, required: bool = False) -> T | None:
+        value = self.raw(key, required=required)
+        if value is None:
+            return None
+        # bool is an int in Python; never accept it where a number is expected.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(f"{self.what}.{key}: expected {kind.__name__}")
+        return value
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        return self.typed(key, str, required=required)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.typed(key, bool)
+        return default if value is None else value
+
+    def integer(self, key: str, *, minimum: int = 0, required: bool = False) -> int | None:
+        value = self.typed(key, int, required=required)
+        if value is not None and value < minimum:
+            raise self.error(f"{self.what}.{key}: must be >= {minimum}")
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"{self.what}.{key}: expected a list of strings")
+        return tuple(value)
+
+    def hex(self, key: str, length: int, *, required: bool = False) -> bytes | None:
+        value = self.raw(key, required=required)
+        if value is None:
+            return None
+        return decode_hex(value, what=f"{self.what}.{key}", length=length, error=self.error)
+
+    def hex_list(self, key: str, length: int) -> tuple[bytes, ...] | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self.error(f"{self.what}.{key}: expected a list of hex strings")
+        return tuple(
+            decode_hex(v, what=f"{self.what}.{key}[{i}]", length=length, error=self.error)
+            for i, v in enumerate(value)
+        )
+
+    def b64(self, key: str, *, required: bool = False) -> bytes | None:
+        value = self.raw(key, required=required)
+        if value is None:
+            return None
+        return decode_b64(value, what=f"{self.what}.{key}", error=self.error)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._obj) - self._seen)
+        if unknown:
+            raise self.error(f"{self.what}: unknown key(s) {', '.join(map(repr, unknown))}")

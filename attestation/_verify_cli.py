@@ -1,0 +1,162 @@
+"""What ``cube attest verify`` and ``cube attest show`` do, apart from argument handling."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+
+from attestation import snp, tdx
+from attestation._checks import Checks
+from attestation.azure import parse_hcl_report, verify_hcl_binding
+from attestation.cli import Inputs, Outcome
+from attestation.evidence import (
+    check_platform_allowed,
+    parse_evidence,
+    parse_nonce,
+    validate_tee,
+    verify_evidence,
+    verify_snp,
+    verify_tdx,
+)
+from attestation.policy import Policy, load_policy
+
+
+def _policy(
+    path: Path | None,
+    *,
+    accept_tcb_status: tuple[str, ...],
+    allow_simulated: bool,
+    has_collateral: bool,
+    outcome: Outcome,
+) -> Policy:
+    if path is not None:
+        policy = load_policy(path)
+    else:
+        policy = Policy()
+        if not has_collateral:
+            # Offline verification of a bare quote: the user gave no collateral to judge the
+            # TCB with. Say so loudly instead of pretending the TCB was evaluated.
+            policy = dataclasses.replace(
+                policy, tdx=dataclasses.replace(policy.tdx, require_collateral=False)
+            )
+    if accept_tcb_status:
+        policy = dataclasses.replace(
+            policy,
+            tdx=tdx.TdxPolicy.from_json(
+                {**policy.tdx.to_json(), "accepted_tcb_statuses": list(accept_tcb_status)}
+            ),
+        )
+    if allow_simulated:
+        policy = policy.with_simulated()
+    return policy
+
+
+def _collateral(inp: Inputs) -> tdx.Collateral | None:
+    if inp.collateral is not None:
+        return tdx.Collateral.from_json(inp.collateral)
+    if inp.tcb_info is not None and inp.qe_identity is not None:
+        return tdx.Collateral.from_pcs(
+            inp.tcb_info, inp.qe_identity, pck_crl=inp.pck_crl, root_crl=inp.root_crl
+        )
+    return None
+
+
+def _snp_report_bytes(inp: Inputs, checks: Checks | None) -> tuple[bytes, bytes | None]:
+    """The SNP report, from --report or out of an Azure HCL report (and its runtime data)."""
+    if inp.hcl_report is not None:
+        hcl = parse_hcl_report(inp.hcl_report)
+        return hcl.tee_report, inp.hcl_report
+    assert inp.report is not None
+    return inp.report, None
+
+
+def run_verify(
+    inp: Inputs,
+    *,
+    mode: str,
+    now: datetime,
+    policy_path: Path | None,
+    accept_tcb_status: tuple[str, ...],
+    allow_simulated: bool,
+    checks: Checks,
+    outcome: Outcome,
+) -> None:
+    has_collateral = inp.collateral is not None or inp.tcb_info is not None
+    policy = _policy(
+        policy_path,
+        accept_tcb_status=accept_tcb_status,
+        allow_simulated=allow_simulated,
+        has_collateral=has_collateral or mode != "tdx",
+        outcome=outcome,
+    )
+    if mode == "evidence":
+        assert inp.evidence is not None and inp.nonce is not None
+        nonce = parse_nonce(inp.nonce)
+        doc = parse_evidence(inp.evidence)
+        outcome.platform = doc.platform
+        verified = verify_evidence(doc, nonce=nonce, policy=policy, now=now, checks=checks)
+        outcome.fields = verified.fields()
+        return
+
+    simulated = mode.startswith("sim-")
+    check_platform_allowed(mode, policy, checks=checks)
+    result: snp.VerifiedSnpReport | tdx.VerifiedTdxQuote
+    if mode.removeprefix("sim-") == "sev-snp":
+        report, hcl_bytes = _snp_report_bytes(inp, checks)
+        outcome.fields = snp.parse_report(report).fields()
+        assert inp.vcek is not None
+        result = verify_snp(
+            report,
+            vcek=inp.vcek,
+            cert_chain=inp.cert_chain,
+            crl=inp.crl,
+            simulated=simulated,
+            now=now,
+            checks=checks,
+        )
+        if hcl_bytes is not None:
+            hcl = parse_hcl_report(hcl_bytes)
+            verify_hcl_binding(hcl, result.report.report_data, checks=checks)
+            outcome.notes.append(
+                "Azure HCL report: REPORT_DATA commits to the HCL runtime data (vTPM AK "
+                f"{hcl.runtime_data_digest().hex()[:16]}...); verify the vTPM quote for freshness"
+            )
+    else:
+        assert inp.quote is not None
+        outcome.fields = tdx.parse_quote(inp.quote).fields()
+        result = verify_tdx(
+            inp.quote, collateral=_collateral(inp), simulated=simulated, now=now, checks=checks
+        )
+        if result.tcb_status is None:
+            outcome.notes.append(
+                "no collateral given: signatures and the PCK chain were verified, the TCB status "
+                "was NOT evaluated (pass --collateral or --tcb-info/--qe-identity)"
+            )
+    outcome.fields = result.fields()
+    validate_tee(policy, result, checks=checks)
+
+
+def run_show(inp: Inputs, *, mode: str, outcome: Outcome) -> None:
+    if mode == "evidence":
+        assert inp.evidence is not None
+        doc = parse_evidence(inp.evidence)
+        outcome.platform = doc.platform
+        fields: dict[str, object] = {"nonce": doc.nonce.hex()}
+        if "report" in doc.tee:
+            fields.update(snp.parse_report(doc.tee["report"]).fields())
+        if "quote" in doc.tee:
+            fields.update(tdx.parse_quote(doc.tee["quote"]).fields())
+        from attestation.evidence import Claims
+
+        fields["claims"] = Claims.parse(doc.claims_raw).to_json()
+        outcome.fields = fields
+        return
+    if mode.removeprefix("sim-") == "sev-snp":
+        report, hcl_bytes = _snp_report_bytes(inp, None)
+        outcome.fields = snp.parse_report(report).fields()
+        if hcl_bytes is not None:
+            outcome.fields["hcl"] = parse_hcl_report(hcl_bytes).fields()
+    else:
+        assert inp.quote is not None
+        outcome.fields = tdx.parse_quote(inp.quote).fields()

@@ -1,0 +1,1 @@
+"""AMD root certificates shipped as package data (loaded by attestation.snp.roots)."""

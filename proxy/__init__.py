@@ -1,0 +1,1 @@
+"""The verifying proxy (issue: the verifying proxy). Not built yet."""
