@@ -8,9 +8,11 @@ from pathlib import Path
 
 from attestation import snp, tdx
 from attestation._checks import Checks
+from attestation._json import decode_hex
 from attestation.azure import parse_hcl_report, verify_hcl_binding
 from attestation.cli import Inputs, Outcome
 from attestation.evidence import (
+    Claims,
     check_platform_allowed,
     parse_evidence,
     parse_nonce,
@@ -147,8 +149,6 @@ def run_show(inp: Inputs, *, mode: str, outcome: Outcome) -> None:
             fields.update(snp.parse_report(doc.tee["report"]).fields())
         if "quote" in doc.tee:
             fields.update(tdx.parse_quote(doc.tee["quote"]).fields())
-        from attestation.evidence import Claims
-
         fields["claims"] = Claims.parse(doc.claims_raw).to_json()
         outcome.fields = fields
         return
@@ -160,3 +160,74 @@ def run_show(inp: Inputs, *, mode: str, outcome: Outcome) -> None:
     else:
         assert inp.quote is not None
         outcome.fields = tdx.parse_quote(inp.quote).fields()
+
+
+def run_simulate(
+    *,
+    platform: str,
+    nonce: str,
+    out: Path,
+    policy_out: Path | None,
+    measurement: str | None,
+    model_digest: str,
+    config_digest: str,
+    outcome: Outcome,
+) -> None:
+    import hashlib
+    import json
+    from datetime import UTC
+
+    from attestation.evidence import EvidenceCollector, encode_claims
+    from attestation.guest import ConfigfsTsm
+    from attestation.sim import EmulatedConfigfsTsm
+
+    raw_nonce = parse_nonce(nonce)
+    measured = (
+        decode_hex(measurement, what="--measurement", length=48)
+        if measurement is not None
+        else hashlib.sha384(b"cube-simulator measurement").digest()
+    )
+    emulation = (
+        EmulatedConfigfsTsm.snp(measurement=measured)
+        if platform == "sim-sev-snp"
+        else EmulatedConfigfsTsm.tdx(mr_td=measured)
+    )
+    claims = encode_claims(
+        {
+            "tls_cert_sha256": hashlib.sha256(b"simulated agent certificate").hexdigest(),
+            "model": {"name": "simulated-model", "digest": model_digest},
+            "config_digest": config_digest,
+            "agent_version": _version(),
+            "issued_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+    )
+    Claims.parse(claims)  # refuse malformed digests before writing anything
+    document = EvidenceCollector(tee=ConfigfsTsm(fs=emulation)).collect(raw_nonce, claims)
+    out.write_bytes(document)
+    outcome.notes.append(f"wrote SIMULATED {platform} evidence to {out}")
+    if policy_out is not None:
+        section = (
+            {"sev_snp": {"measurements": [measured.hex()]}}
+            if platform == "sim-sev-snp"
+            else {"tdx": {"mr_td": [measured.hex()]}}
+        )
+        policy = {
+            "format": "cube-policy/1",
+            "description": "pins a SIMULATED guest: for development only",
+            "allow_simulated": True,
+            "model_digests": [model_digest],
+            "config_digests": [config_digest],
+            **section,
+        }
+        Policy.from_json(policy)
+        policy_out.write_text(json.dumps(policy, indent=2) + "\n")
+        outcome.notes.append(f"wrote a policy for it to {policy_out}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cube")
+    except PackageNotFoundError:
+        return "0+unknown"

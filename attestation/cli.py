@@ -301,3 +301,38 @@ def show(**kwargs: Any) -> None:
 
 
 __all__ = ["Outcome", "attest"]
+
+
+@attest.command()
+@click.option(
+    "--platform",
+    type=click.Choice(("sim-sev-snp", "sim-tdx")),
+    default="sim-sev-snp",
+    show_default=True,
+)
+@click.option("--nonce", required=True, help="Hex nonce (32 to 64 bytes) to bind.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--policy-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a cube-policy/1 that pins this simulated guest's reference values.",
+)
+@click.option("--measurement", help="SNP MEASUREMENT / TDX MRTD to report (96 hex digits).")
+@click.option("--model-digest", default="sha256:" + "00" * 32, show_default=True)
+@click.option("--config-digest", default="sha256:" + "00" * 32, show_default=True)
+def simulate(**kwargs: Any) -> None:
+    """Produce SIMULATED evidence through the production collection path (for development).
+
+    The simulator's report or quote is read through an emulated configfs-tsm by the same code
+    that runs in a confidential VM. Verifiers refuse it unless told --allow-simulated.
+    """
+    from attestation import _verify_cli as impl
+
+    outcome = _guard(
+        kwargs["platform"], lambda checks, outcome: impl.run_simulate(**kwargs, outcome=outcome)
+    )
+    if outcome.error is not None:
+        click.echo(f"error: {outcome.error.message}", err=True)
+        sys.exit(outcome.error.exit_code)
+    for note in outcome.notes:
+        click.echo(note)
