@@ -9,8 +9,10 @@ from pathlib import Path
 from attestation import snp, tdx
 from attestation._checks import Checks
 from attestation._json import decode_hex
+from attestation._x509 import load_certificates, pem_certificate
 from attestation.azure import parse_hcl_report, verify_hcl_binding
 from attestation.cli import Inputs, Outcome
+from attestation.errors import MalformedError
 from attestation.evidence import (
     Claims,
     check_platform_allowed,
@@ -73,6 +75,16 @@ def _snp_report_bytes(inp: Inputs, checks: Checks | None) -> tuple[bytes, bytes 
     return inp.report, None
 
 
+def _split_vcek_bundle(vcek: bytes, cert_chain: bytes | None) -> tuple[bytes, bytes | None]:
+    """--vcek may be a PEM bundle "VCEK, ASK, ARK" (as Azure serves it): split it."""
+    certs = load_certificates(vcek)
+    if len(certs) == 1:
+        return vcek, cert_chain
+    if cert_chain is not None:
+        raise MalformedError("--vcek holds several certificates and --cert-chain was given too")
+    return certs[0].der, b"".join(pem_certificate(c.der) for c in certs[1:])
+
+
 def run_verify(
     inp: Inputs,
     *,
@@ -108,10 +120,11 @@ def run_verify(
         report, hcl_bytes = _snp_report_bytes(inp, checks)
         outcome.fields = snp.parse_report(report).fields()
         assert inp.vcek is not None
+        vcek, cert_chain = _split_vcek_bundle(inp.vcek, inp.cert_chain)
         result = verify_snp(
             report,
-            vcek=inp.vcek,
-            cert_chain=inp.cert_chain,
+            vcek=vcek,
+            cert_chain=cert_chain,
             crl=inp.crl,
             simulated=simulated,
             now=now,

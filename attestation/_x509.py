@@ -38,6 +38,7 @@ __all__ = [
     "SignatureAlgorithm",
     "load_certificate",
     "load_certificates",
+    "pem_certificate",
     "verify_chain",
     "verify_issued_by",
     "verify_signature",
@@ -312,6 +313,13 @@ def load_certificates(data: bytes) -> list[Certificate]:
     if not data:
         raise MalformedError("empty certificate input")
     return [parse_certificate_der(data)]
+
+
+def pem_certificate(der: bytes) -> bytes:
+    """One DER certificate as a PEM block."""
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
 
 
 def load_certificate(data: bytes) -> Certificate:

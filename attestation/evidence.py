@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from attestation import snp, tdx, tpm
 from attestation._checks import Check, Checks
 from attestation._json import ObjectReader, decode_hex, loads_object
+from attestation._x509 import pem_certificate
 from attestation.azure import parse_hcl_report, verify_hcl_binding
 from attestation.errors import (
     BindingError,
@@ -580,12 +581,6 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def _pem(der: bytes) -> bytes:
-    body = base64.encodebytes(der).replace(b"\n", b"")
-    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
-
-
 class EvidenceCollector:
     """Builds ``cube-evidence/1`` documents inside the guest.
 
@@ -646,7 +641,7 @@ class EvidenceCollector:
                     tee["vcek"] = b64(vcek)
                     chain = [got.certificates[k] for k in ("ask", "ark") if k in got.certificates]
                     if len(chain) == 2:
-                        tee["cert_chain"] = b64(b"".join(_pem(c) for c in chain))
+                        tee["cert_chain"] = b64(b"".join(pem_certificate(c) for c in chain))
                     if "crl" in got.certificates:
                         tee["crl"] = b64(got.certificates["crl"])
                 elif got.kind == "tdx-quote":
