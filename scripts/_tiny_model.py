@@ -129,7 +129,7 @@ def model_files(directory: Path) -> list[str]:
 
 def verify(directory: Path) -> dict[str, Any]:
     """Check `directory` against its cube-model.json; returns the manifest or raises ValueError."""
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
     files: dict[str, str] = manifest["files"]
     if combined_digest(files) != manifest["digest"]:
         raise ValueError("manifest digest does not match its file list")
