@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ __all__ = [
 T = TypeVar("T")
 
 _MAX_DOCUMENT = 4 * 1024 * 1024
+_HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 def _reject_constant(name: str) -> object:
@@ -62,7 +64,8 @@ def decode_hex(
     error: type[AttestationError] = MalformedError,
 ) -> bytes:
     """Lowercase or uppercase hex, with its byte length checked when ``length`` is given."""
-    if not isinstance(value, str):
+    # Hex digits only: bytes.fromhex also takes spaces, and one value must have one spelling.
+    if not isinstance(value, str) or not _HEX_DIGITS.fullmatch(value):
         raise error(f"{what}: expected a hex string")
     try:
         raw = bytes.fromhex(value)

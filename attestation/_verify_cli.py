@@ -12,7 +12,7 @@ from attestation._json import decode_hex
 from attestation._x509 import load_certificates, pem_certificate
 from attestation.azure import parse_hcl_report, verify_hcl_binding
 from attestation.cli import Inputs, Outcome
-from attestation.errors import MalformedError
+from attestation.errors import BindingError, MalformedError
 from attestation.evidence import (
     Claims,
     check_platform_allowed,
@@ -143,6 +143,17 @@ def run_verify(
         result = verify_tdx(
             inp.quote, collateral=_collateral(inp), simulated=simulated, now=now, checks=checks
         )
+        if inp.hcl_report is not None:
+            # Azure TDX: the quote's REPORTDATA commits to the HCL runtime data (vTPM AK).
+            hcl = parse_hcl_report(inp.hcl_report)
+            checks.equal(
+                "evidence.hcl.platform", "tdx", hcl.platform, BindingError, "HCL report platform"
+            )
+            verify_hcl_binding(hcl, result.quote.report_data, checks=checks)
+            outcome.notes.append(
+                "Azure HCL report: REPORTDATA commits to the HCL runtime data (vTPM AK "
+                f"{hcl.runtime_data_digest().hex()[:16]}...); verify the vTPM quote for freshness"
+            )
         if result.tcb_status is None:
             outcome.notes.append(
                 "no collateral given: signatures and the PCK chain were verified, the TCB status "
@@ -173,6 +184,8 @@ def run_show(inp: Inputs, *, mode: str, outcome: Outcome) -> None:
     else:
         assert inp.quote is not None
         outcome.fields = tdx.parse_quote(inp.quote).fields()
+        if inp.hcl_report is not None:
+            outcome.fields["hcl"] = parse_hcl_report(inp.hcl_report).fields()
 
 
 def run_simulate(

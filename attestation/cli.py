@@ -236,15 +236,21 @@ def _check_usage(inp: Inputs, *, need_nonce: bool) -> str:
     if base == "sev-snp":
         if inp.report is None and inp.hcl_report is None:
             raise click.UsageError("--platform sev-snp needs --report (or --hcl-report)")
+        if inp.report is not None and inp.hcl_report is not None:
+            # The HCL report carries its own SNP report; the other one would be ignored.
+            raise click.UsageError("give --report or --hcl-report, not both")
         if need_nonce and inp.vcek is None:
             raise click.UsageError("--platform sev-snp needs --vcek")
     elif base == "tdx":
         if inp.quote is None:
             raise click.UsageError("--platform tdx needs --quote")
-        if inp.collateral is not None and (inp.tcb_info or inp.qe_identity):
+        if inp.collateral is not None and (inp.tcb_info is not None or inp.qe_identity is not None):
             raise click.UsageError("give --collateral or --tcb-info/--qe-identity, not both")
         if (inp.tcb_info is None) != (inp.qe_identity is None):
             raise click.UsageError("--tcb-info and --qe-identity go together")
+        if inp.tcb_info is None and (inp.pck_crl is not None or inp.root_crl is not None):
+            # They would be ignored, and the user would think revocation was checked.
+            raise click.UsageError("--pck-crl/--root-crl go with --tcb-info/--qe-identity")
     else:
         raise click.UsageError("raw vTPM quotes are verified inside --evidence documents")
     return inp.platform

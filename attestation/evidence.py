@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,14 +71,28 @@ NONCE_MAX_BYTES = 64
 PLATFORMS = (*REAL_PLATFORMS, *SIMULATED_PLATFORMS)
 
 
+_HEX_DIGITS = re.compile(r"[0-9a-fA-F]*")
+
+
+def _check_nonce_length(nonce: bytes, *, what: str) -> None:
+    if not NONCE_MIN_BYTES <= len(nonce) <= NONCE_MAX_BYTES:
+        raise MalformedError(
+            f"{what}: must be {NONCE_MIN_BYTES} to {NONCE_MAX_BYTES} bytes, got {len(nonce)}"
+        )
+
+
+def _decode_nonce(value: object, *, what: str) -> bytes:
+    # Hex digits only: bytes.fromhex would also take spaces, so one nonce had many spellings.
+    if not isinstance(value, str) or not _HEX_DIGITS.fullmatch(value):
+        raise MalformedError(f"{what}: expected a string of hex digits")
+    raw = decode_hex(value, what=what)
+    _check_nonce_length(raw, what=what)
+    return raw
+
+
 def parse_nonce(value: str) -> bytes:
     """A nonce as it travels: hex of 32 to 64 bytes."""
-    raw = decode_hex(value, what="nonce")
-    if not NONCE_MIN_BYTES <= len(raw) <= NONCE_MAX_BYTES:
-        raise MalformedError(
-            f"nonce: must be {NONCE_MIN_BYTES} to {NONCE_MAX_BYTES} bytes, got {len(raw)}"
-        )
-    return raw
+    return _decode_nonce(value, what="nonce")
 
 
 def binding_input(nonce: bytes, claims: bytes) -> bytes:
@@ -223,7 +238,7 @@ def parse_evidence(data: bytes) -> EvidenceDocument:
         raise MalformedError(
             f"evidence.platform: unknown platform {platform!r} (known: {', '.join(PLATFORMS)})"
         )
-    nonce = decode_hex(r.raw("nonce", required=True), what="evidence.nonce")
+    nonce = _decode_nonce(r.raw("nonce", required=True), what="evidence.nonce")
     claims_raw = r.b64("claims", required=True) or b""
     tee: dict[str, bytes] = {}
     base = platform.removeprefix("sim-")
@@ -455,6 +470,8 @@ def verify_evidence(
 ) -> VerifiedEvidence:
     """Verify a ``cube-evidence/1`` document against the nonce you chose and a policy."""
     checks = checks if checks is not None else Checks()
+    # A short nonce would make freshness guessable: refuse it whoever chose it.
+    _check_nonce_length(nonce, what="nonce")
     doc = data if isinstance(data, EvidenceDocument) else parse_evidence(data)
     checks.ok("evidence.format", expected=EVIDENCE_FORMAT, actual=EVIDENCE_FORMAT)
 

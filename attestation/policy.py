@@ -3,9 +3,10 @@
 A policy is one strict JSON document (unknown keys are errors, byte fields are hex with their
 length checked) made of small composable parts: the general part here, and one section per
 platform (``sev_snp``, ``tdx``, ``vtpm``) defined beside that platform's validator. Defaults
-fail closed: debug guests, simulated evidence, expired certificates, unknown platforms and (for
-TDX) any TCB status but UpToDate are refused. An absent field means "not checked" only for
-reference values (measurements, digests, PCRs) — which is why ``cube measure`` writes them.
+fail closed: debug guests, simulated evidence, vTPM-only evidence, expired certificates, unknown
+platforms and (for TDX) any TCB status but UpToDate are refused. An absent field means "not
+checked" only for reference values (measurements, digests, PCRs) — which is why ``cube measure``
+writes them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from attestation.tdx import TdxPolicy
 from attestation.tpm import TpmPolicy
 
 __all__ = [
+    "DEFAULT_PLATFORMS",
     "POLICY_FORMAT",
     "REAL_PLATFORMS",
     "SIMULATED_PLATFORMS",
@@ -30,6 +32,10 @@ __all__ = [
 
 POLICY_FORMAT = "cube-policy/1"
 REAL_PLATFORMS = ("sev-snp", "tdx", "vtpm")
+#: What ``Policy()`` accepts. Not "vtpm": a vTPM-only document has no hardware root for its
+#: AK (the claims that name the AK are bound only by a quote made with that same AK), so anyone
+#: can produce one in software. A policy must list "vtpm" to accept it on purpose.
+DEFAULT_PLATFORMS = ("sev-snp", "tdx")
 SIMULATED_PLATFORMS = ("sim-sev-snp", "sim-tdx")
 _DIGEST_PREFIX = "sha256:"
 
@@ -53,7 +59,7 @@ def _digests(reader: ObjectReader, key: str) -> frozenset[str] | None:
 class Policy:
     """A verifier's acceptance policy. ``Policy()`` is the strict default."""
 
-    platforms: frozenset[str] = frozenset(REAL_PLATFORMS)
+    platforms: frozenset[str] = frozenset(DEFAULT_PLATFORMS)
     allow_simulated: bool = False
     #: Evidence whose claims were issued longer ago than this is stale.
     max_evidence_age_seconds: int = 300
@@ -77,6 +83,11 @@ class Policy:
     @classmethod
     def from_json(cls, obj: object) -> Policy:
         r = ObjectReader(obj, what="policy", error=InvalidPolicyError)
+        # The reader takes JSON null for "absent"; in a policy null is a mistake, and read as
+        # absent it would switch a check off (model_digests: null = digests not checked).
+        nulls = sorted(str(k) for k, v in obj.items() if v is None) if isinstance(obj, dict) else []
+        if nulls:
+            raise InvalidPolicyError(f"policy: null is not a valid value for {', '.join(nulls)}")
         fmt = r.string("format", required=True)
         if fmt != POLICY_FORMAT:
             raise InvalidPolicyError(f"policy.format: expected {POLICY_FORMAT!r}, got {fmt!r}")

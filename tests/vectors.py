@@ -33,15 +33,16 @@ def manifest() -> dict[str, Any]:
 
 def vectors(*, kind: str | None = None, check: str | None = None) -> list[dict[str, Any]]:
     """Vectors from MANIFEST.json, filtered by ``kind`` and/or ``check``."""
-    return [
+    selected: list[dict[str, Any]] = [
         v
         for v in manifest()["vectors"]
         if (kind is None or v["kind"] == kind) and (check is None or v["check"] == check)
     ]
+    return selected
 
 
 def vector(vector_id: str) -> dict[str, Any]:
-    for v in manifest()["vectors"]:
+    for v in vectors():
         if v["id"] == vector_id:
             return v
     raise KeyError(vector_id)

@@ -163,6 +163,8 @@ def tdx_args(v: dict[str, Any], workdir: Path) -> list[str]:
     ``files`` map names (dcap-qvl JSON via ``--collateral``, PCS bodies via ``--tcb-info`` ...)."""
     files = v["files"]
     args = ["--platform", "tdx", "--quote", str(_path(files["quote"]["path"]))]
+    if "hcl" in files:  # Azure: REPORTDATA commits to the HCL runtime data
+        args += ["--hcl-report", str(_path(files["hcl"]["path"]))]
     if "collateral_phala" in files:
         args += ["--collateral", str(_path(files["collateral_phala"]["path"]))]
     elif "collateral_pcs" in files:
