@@ -1,7 +1,7 @@
 # Every target sets up what it needs (scripts/bootstrap is idempotent).
 VENV   := .venv
 BIN    := $(VENV)/bin
-TYPED  := attestation cube
+TYPED  := attestation agent cube
 
 .PHONY: setup lint test test-fast bench demo clean
 

@@ -36,6 +36,7 @@ __all__ = [
     "Certificate",
     "Extension",
     "SignatureAlgorithm",
+    "below_anchor",
     "load_certificate",
     "load_certificates",
     "pem_certificate",
@@ -411,6 +412,36 @@ def check_validity(cert: Certificate, *, now: datetime, checks: Checks, label: s
     )
 
 
+def below_anchor(
+    chain: Sequence[Certificate], anchor: Certificate, *, checks: Checks, label: str
+) -> list[Certificate]:
+    """The certificates of ``chain`` (leaf first) below the pinned ``anchor``.
+
+    A chain may end with the anchor itself (compared byte for byte); a different certificate
+    with the anchor's name is refused.
+    """
+    certs = list(chain)
+    if not certs:
+        checks.fail(f"{label}.chain", CertificateChainError, "empty certificate chain")
+    if certs[-1].der == anchor.der:
+        certs.pop()
+        checks.ok(
+            f"{label}.root",
+            expected=anchor.sha256,
+            actual=anchor.sha256,
+            detail=f"root {anchor.describe()} is the pinned trust anchor",
+        )
+    elif certs[-1].subject.der == anchor.subject.der:
+        checks.fail(
+            f"{label}.root",
+            CertificateChainError,
+            f"chain root {certs[-1].describe()} is not the pinned trust anchor",
+            expected=anchor.sha256,
+            actual=certs[-1].sha256,
+        )
+    return certs
+
+
 def verify_chain(
     chain: Sequence[Certificate],
     anchor: Certificate,
@@ -424,25 +455,7 @@ def verify_chain(
     The last certificate of ``chain`` may be the anchor itself (compared byte for byte) or be
     issued by it. Every intermediate must be a CA where it says so.
     """
-    certs = list(chain)
-    if not certs:
-        checks.fail(f"{label}.chain", CertificateChainError, "empty certificate chain")
-    if certs[-1].der == anchor.der:
-        certs.pop()
-        checks.ok(
-            f"{label}.root",
-            expected=anchor.sha256,
-            actual=anchor.sha256,
-            detail=f"root {anchor.describe()} matches the pinned trust anchor",
-        )
-    elif certs[-1].subject.der == anchor.subject.der:
-        checks.fail(
-            f"{label}.root",
-            CertificateChainError,
-            f"chain root {certs[-1].describe()} is not the pinned trust anchor",
-            expected=anchor.sha256,
-            actual=certs[-1].sha256,
-        )
+    certs = below_anchor(chain, anchor, checks=checks, label=label)
     try:
         verify_signature(
             anchor.public_key(),

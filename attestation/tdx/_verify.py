@@ -42,6 +42,7 @@ from attestation._x509 import (
     Certificate,
     Name,
     SignatureAlgorithm,
+    below_anchor,
     check_validity,
     verify_signature,
 )
@@ -143,25 +144,7 @@ def _verify_chain(
     enforce_validity: bool = True,
 ) -> None:
     """``chain`` (leaf first) up to the pinned ``anchor``; signatures cached, dates per call."""
-    certs = list(chain)
-    if not certs:
-        checks.fail(f"{label}.chain", CertificateChainError, "empty certificate chain")
-    if certs[-1].der == anchor.der:
-        certs.pop()
-        checks.ok(
-            f"{label}.root",
-            expected=anchor.sha256,
-            actual=anchor.sha256,
-            detail=f"root {anchor.describe()} is the pinned trust anchor",
-        )
-    elif certs[-1].subject.der == anchor.subject.der:
-        checks.fail(
-            f"{label}.root",
-            CertificateChainError,
-            f"chain root {certs[-1].describe()} is not the pinned trust anchor",
-            expected=anchor.sha256,
-            actual=certs[-1].sha256,
-        )
+    certs = below_anchor(chain, anchor, checks=checks, label=label)
     if not certs:
         checks.fail(f"{label}.chain", CertificateChainError, "chain holds only the root")
     full = [*certs, anchor]
