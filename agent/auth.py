@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,8 @@ class KeySet:
 
     def __init__(self, keys: Mapping[str, VerificationKey] | None = None) -> None:
         self._keys: dict[str, VerificationKey] = dict(keys or {})
+        #: Bumped whenever the keys change, so verified-token caches know to forget.
+        self.generation = 0
         self.loaded = keys is not None
         self.loaded_at: float | None = time.monotonic() if keys is not None else None
         #: Called with a ``kid`` the set does not know (the URL fetcher refreshes on it).
@@ -187,6 +191,7 @@ class KeySet:
 
     def replace(self, keys: Mapping[str, VerificationKey]) -> None:
         self._keys = dict(keys)
+        self.generation += 1
         self.loaded = True
         self.loaded_at = time.monotonic()
 
@@ -215,6 +220,16 @@ def parse_scope(
     return frozenset(entries), (models or None), (endpoints or None)
 
 
+_VERIFIED_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _VerifiedToken:
+    principal: Principal
+    not_before: float
+    expires: float
+
+
 class TokenVerifier:
     """Verifies bearer tokens against the pinned issuer, audience and keys."""
 
@@ -232,9 +247,33 @@ class TokenVerifier:
         self.audience = audience
         self.keys = keys
         self.leeway = leeway
+        # Verified tokens, keyed by SHA-256 of the token: a signature check costs ~1 ms, and a
+        # client sends the same token with every request. Entries keep their own validity
+        # window and are dropped when the key set changes.
+        self._verified: OrderedDict[bytes, _VerifiedToken] = OrderedDict()
+        self._verified_generation = keys.generation
 
-    def verify(self, token: str) -> Principal:
+    def verify(self, token: str, *, now: float | None = None) -> Principal:
         """The principal of a valid token, or :class:`AuthError`."""
+        now = time.time() if now is None else now
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        if self._verified_generation != self.keys.generation:
+            self._verified.clear()
+            self._verified_generation = self.keys.generation
+        cached = self._verified.get(digest)
+        if cached is not None and cached.not_before <= now < cached.expires:
+            self._verified.move_to_end(digest)
+            return cached.principal
+        principal, claims = self._verify_uncached(token)
+        expires = float(claims["exp"]) + self.leeway
+        nbf = claims.get("nbf", claims.get("iat"))
+        not_before = float(nbf) - self.leeway if isinstance(nbf, int | float) else now
+        self._verified[digest] = _VerifiedToken(principal, not_before, expires)
+        if len(self._verified) > _VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify_uncached(self, token: str) -> tuple[Principal, dict[str, Any]]:
         if not token or len(token) > _MAX_TOKEN or token.count(".") != 2:
             raise AuthError("malformed", "the bearer token is not a JWT")
         try:
@@ -306,12 +345,13 @@ class TokenVerifier:
                 status=403,
             )
         jti = claims.get("jti")
-        return Principal(
+        principal = Principal(
             subject=subject,
             models=models,
             endpoints=endpoints,
             token_id=jti if isinstance(jti, str) else None,
         )
+        return principal, claims
 
 
 class JwksFetcher:

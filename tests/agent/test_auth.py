@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from agent.auth import (
+    LEEWAY_SECONDS,
     AuthError,
     JwksError,
     JwksFetcher,
@@ -395,3 +396,34 @@ def test_jwks_url_is_fetched_over_https_and_refreshed_for_a_new_kid() -> None:
 def test_jwks_url_must_be_https() -> None:
     with pytest.raises(JwksError):
         JwksFetcher("http://issuer.test/jwks", KeySet())
+
+
+def test_verified_token_cache_honours_expiry_and_key_rotation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    issuer = TokenIssuer()
+    keys = KeySet(parse_jwks(json.dumps(issuer.jwks()).encode()))
+    cached = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, keys=keys)
+    now = time.time()
+    token = issuer.token(exp=int(now) + 60)
+    assert cached.verify(token, now=now).subject == "user-1"
+    assert cached.verify(token, now=now + 1).subject == "user-1"  # served from the cache
+
+    # The cache never outlives the token (plus leeway): past it, the token is verified again.
+    def full_verification(_token: str) -> Any:
+        raise AuthError("expired", "verified again")
+
+    with monkeypatch.context() as m:
+        m.setattr(cached, "_verify_uncached", full_verification)
+        assert cached.verify(token, now=now + 30).subject == "user-1"
+        with pytest.raises(AuthError, match="verified again"):
+            cached.verify(token, now=now + 60 + LEEWAY_SECONDS + 1)
+    # ...nor the keys that verified it: after rotation the old kid is unknown.
+    fresh = TokenIssuer()
+    keys.replace(parse_jwks(json.dumps(fresh.jwks()).encode()))
+    with pytest.raises(AuthError) as rotated:
+        cached.verify(token, now=now + 1)
+    assert rotated.value.reason in {"unknown_kid", "bad_signature"}
+    # A different token is verified on its own, not confused with a cached one.
+    other = fresh.token(scope="inference model:only-this")
+    assert cached.verify(other).models == frozenset({"only-this"})
