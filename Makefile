@@ -1,12 +1,21 @@
 # Every target sets up what it needs (scripts/bootstrap is idempotent).
 VENV   := .venv
 BIN    := $(VENV)/bin
-TYPED  := attestation agent cube
+TYPED  := attestation agent proxy cube
+# vLLM (CPU build) and the tiny model for the end-to-end tests live outside the checkout;
+# scripts/setup-vllm and scripts/make-tiny-model are idempotent (well under a second when cached).
+export CUBE_CACHE ?= $(HOME)/.cache/cube
+TINY_MODEL := $(CUBE_CACHE)/models/cube-tiny
 
-.PHONY: setup lint test test-fast bench demo clean
+.PHONY: setup vllm lint test test-fast bench bench-agent demo clean
 
 setup:
 	@scripts/bootstrap
+
+# The vLLM venv (first time ~4 min, 2.5 GB) and the tiny model; test-fast does not need them.
+vllm:
+	@scripts/setup-vllm >/dev/null
+	@scripts/make-tiny-model $(TINY_MODEL) >/dev/null
 
 lint: setup
 	$(BIN)/ruff check .
@@ -14,7 +23,7 @@ lint: setup
 	$(BIN)/mypy --strict $(TYPED)
 
 # The README's test command: lint, types, and every test including the slow end-to-end ones.
-test: lint
+test: lint vllm
 	$(BIN)/pytest -q
 
 # Fast tests only (no real processes, no VM).
@@ -23,6 +32,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python scripts/bench-attestation
+
+# vLLM directly vs. through cube-agent, same run (docs/benchmarks.md).
+bench-agent: setup vllm
+	$(BIN)/python scripts/bench-agent
 
 demo: setup
 	@scripts/demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from attestation.cli import attest
+from proxy.admin_cli import admin
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ def cube() -> None:
 
 
 cube.add_command(attest)
+cube.add_command(admin)
 
 
 def main() -> None:

@@ -1,0 +1,625 @@
+"""``cube admin ...``: the proxy's admin API from the command line.
+
+Every command is one REST call (see :mod:`proxy.admin_api`) and prints its JSON answer. The
+server and credential come from ``--url``/``--token`` or ``CUBE_ADMIN_URL``/``CUBE_ADMIN_TOKEN``
+(``--cacert``/``CUBE_ADMIN_CACERT`` for a private CA). Passwords are never taken as arguments
+(they would land in shell history and ``ps``): they are prompted for, or read from stdin with
+``--password-stdin``. Errors print the server's message and exit 1.
+
+    export CUBE_ADMIN_URL=https://proxy.example:8080
+    export CUBE_ADMIN_TOKEN=$(cube admin login --email admin@example.com --print-token)
+    cube admin domains create acme --name "Acme"
+    cube admin backends add acme https://10.0.0.5:8443 --kind vllm --model llama-3
+    cube admin policies set acme policy.json
+    cube admin tokens create acme --name ci --action inference --expires-in 2592000
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+__all__ = ["admin"]
+
+_TIMEOUT = 30
+
+
+@dataclass
+class _Client:
+    url: str
+    token: str | None
+    cacert: str | None
+
+    def call(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
+        if not self.url:
+            _fail("no server: pass --url or set CUBE_ADMIN_URL")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if auth:
+            if not self.token:
+                _fail(
+                    "no credential: pass --token or set CUBE_ADMIN_TOKEN (see `cube admin login`)"
+                )
+            headers["Authorization"] = f"Bearer {self.token}"
+        target = self.url.rstrip("/") + path
+        if not target.startswith(("https://", "http://")):
+            _fail("the URL must start with https:// or http://")
+        request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
+        context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
+        try:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT, context=context) as response:  # noqa: S310
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            _fail(_error_message(exc.code, exc.read()))
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            _fail(f"cannot reach {self.url}: {reason}")
+        return json.loads(payload) if payload else None
+
+
+def _error_message(status: int, payload: bytes) -> str:
+    try:
+        error = json.loads(payload)["error"]
+        return f"{status}: {error['message']} ({error.get('code', '')})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _print(value: Any) -> None:
+    if value is not None:
+        click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+        if not password:
+            _fail("no password on stdin")
+        return password
+    value: str = click.prompt(prompt, hide_input=True)
+    return value
+
+
+pass_client = click.make_pass_decorator(_Client)
+
+
+@click.group()
+@click.option("--url", envvar="CUBE_ADMIN_URL", default="", help="The proxy's base URL.")
+@click.option("--token", envvar="CUBE_ADMIN_TOKEN", default=None, help="An access token or PAT.")
+@click.option(
+    "--cacert",
+    envvar="CUBE_ADMIN_CACERT",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A CA bundle to verify the proxy's TLS certificate with.",
+)
+@click.pass_context
+def admin(ctx: click.Context, url: str, token: str | None, cacert: str | None) -> None:
+    """Administer a cube-proxy: users, domains, members, tokens, backends, policies."""
+    ctx.obj = _Client(url=url, token=token, cacert=cacert)
+
+
+# -- session -------------------------------------------------------------------------------------
+
+
+@admin.command()
+@click.option("--email", required=True, envvar="CUBE_ADMIN_EMAIL")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--print-token", is_flag=True, help="Print only the access token.")
+@pass_client
+def login(client: _Client, email: str, password_stdin: bool, print_token: bool) -> None:
+    """Log in; prints the access and refresh tokens."""
+    password = _read_password(password_stdin)
+    answer = client.call("POST", "/auth/login", {"email": email, "password": password}, auth=False)
+    if print_token:
+        click.echo(answer["access_token"])
+    else:
+        _print(answer)
+
+
+@admin.command()
+@click.option("--refresh-token-stdin", is_flag=True, required=True)
+@pass_client
+def refresh(client: _Client, refresh_token_stdin: bool) -> None:
+    """Rotate a refresh token (read from stdin) for a new pair."""
+    del refresh_token_stdin
+    token = sys.stdin.readline().strip()
+    _print(client.call("POST", "/auth/refresh", {"refresh_token": token}, auth=False))
+
+
+@admin.command()
+@pass_client
+def logout(client: _Client) -> None:
+    """End the session of the access token in use."""
+    client.call("POST", "/auth/logout")
+    click.echo("logged out")
+
+
+@admin.command()
+@pass_client
+def whoami(client: _Client) -> None:
+    """The caller and their domains."""
+    _print(client.call("GET", "/admin/me"))
+
+
+# -- users ---------------------------------------------------------------------------------------
+
+
+@admin.group()
+def users() -> None:
+    """Users (platform administrators)."""
+
+
+@users.command("list")
+@pass_client
+def users_list(client: _Client) -> None:
+    _print(client.call("GET", "/admin/users"))
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--name", default="")
+@click.option("--admin", "is_admin", is_flag=True, help="A platform administrator.")
+@click.option("--password-stdin", is_flag=True)
+@click.option("--no-password", is_flag=True, help="No password login (e.g. OIDC only).")
+@pass_client
+def users_create(
+    client: _Client,
+    *,
+    email: str,
+    name: str,
+    is_admin: bool,
+    password_stdin: bool,
+    no_password: bool,
+) -> None:
+    body: dict[str, Any] = {"email": email, "name": name, "is_admin": is_admin}
+    if not no_password:
+        body["password"] = _read_password(password_stdin, "New user's password")
+    _print(client.call("POST", "/admin/users", body))
+
+
+@users.command("get")
+@click.argument("user_id")
+@pass_client
+def users_get(client: _Client, user_id: str) -> None:
+    _print(client.call("GET", f"/admin/users/{_q(user_id)}"))
+
+
+@users.command("update")
+@click.argument("user_id")
+@click.option("--name", default=None)
+@click.option("--email", default=None)
+@click.option("--admin/--no-admin", "is_admin", default=None)
+@click.option("--password-stdin", is_flag=True, help="Set a new password (read from stdin).")
+@pass_client
+def users_update(
+    client: _Client,
+    *,
+    user_id: str,
+    name: str | None,
+    email: str | None,
+    is_admin: bool | None,
+    password_stdin: bool,
+) -> None:
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if email is not None:
+        body["email"] = email
+    if is_admin is not None:
+        body["is_admin"] = is_admin
+    if password_stdin:
+        body["password"] = _read_password(True)
+    if not body:
+        _fail("nothing to change")
+    _print(client.call("PATCH", f"/admin/users/{_q(user_id)}", body))
+
+
+@users.command("disable")
+@click.argument("user_id")
+@pass_client
+def users_disable(client: _Client, user_id: str) -> None:
+    _print(client.call("PATCH", f"/admin/users/{_q(user_id)}", {"disabled": True}))
+
+
+@users.command("enable")
+@click.argument("user_id")
+@pass_client
+def users_enable(client: _Client, user_id: str) -> None:
+    _print(client.call("PATCH", f"/admin/users/{_q(user_id)}", {"disabled": False}))
+
+
+@users.command("delete")
+@click.argument("user_id")
+@pass_client
+def users_delete(client: _Client, user_id: str) -> None:
+    client.call("DELETE", f"/admin/users/{_q(user_id)}")
+    click.echo(f"deleted user {user_id}")
+
+
+# -- domains -------------------------------------------------------------------------------------
+
+
+@admin.group()
+def domains() -> None:
+    """Domains (tenants)."""
+
+
+@domains.command("list")
+@pass_client
+def domains_list(client: _Client) -> None:
+    _print(client.call("GET", "/admin/domains"))
+
+
+@domains.command("create")
+@click.argument("alias")
+@click.option("--name", default="")
+@click.option("--owner-email", default=None, help="The owner (default: you).")
+@pass_client
+def domains_create(client: _Client, alias: str, name: str, owner_email: str | None) -> None:
+    body: dict[str, Any] = {"alias": alias, "name": name}
+    if owner_email:
+        body["owner_email"] = owner_email
+    _print(client.call("POST", "/admin/domains", body))
+
+
+@domains.command("get")
+@click.argument("domain")
+@pass_client
+def domains_get(client: _Client, domain: str) -> None:
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}"))
+
+
+@domains.command("update")
+@click.argument("domain")
+@click.option("--name", required=True)
+@pass_client
+def domains_update(client: _Client, domain: str, name: str) -> None:
+    _print(client.call("PATCH", f"/admin/domains/{_q(domain)}", {"name": name}))
+
+
+@domains.command("delete")
+@click.argument("domain")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_client
+def domains_delete(client: _Client, domain: str, yes: bool) -> None:
+    if not yes:
+        click.confirm(f"Delete domain {domain} with its members, backends and tokens?", abort=True)
+    client.call("DELETE", f"/admin/domains/{_q(domain)}")
+    click.echo(f"deleted domain {domain}")
+
+
+# -- members -------------------------------------------------------------------------------------
+
+
+@admin.group()
+def members() -> None:
+    """Members of a domain and their roles (owner, admin, member)."""
+
+
+@members.command("list")
+@click.argument("domain")
+@pass_client
+def members_list(client: _Client, domain: str) -> None:
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/members"))
+
+
+@members.command("add")
+@click.argument("domain")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["member", "admin", "owner"]), default="member")
+@pass_client
+def members_add(client: _Client, domain: str, email: str, role: str) -> None:
+    _print(
+        client.call("POST", f"/admin/domains/{_q(domain)}/members", {"email": email, "role": role})
+    )
+
+
+@members.command("set-role")
+@click.argument("domain")
+@click.argument("user_id")
+@click.argument("role", type=click.Choice(["member", "admin", "owner"]))
+@pass_client
+def members_set_role(client: _Client, domain: str, user_id: str, role: str) -> None:
+    _print(client.call("PUT", f"/admin/domains/{_q(domain)}/members/{_q(user_id)}", {"role": role}))
+
+
+@members.command("remove")
+@click.argument("domain")
+@click.argument("user_id")
+@pass_client
+def members_remove(client: _Client, domain: str, user_id: str) -> None:
+    client.call("DELETE", f"/admin/domains/{_q(domain)}/members/{_q(user_id)}")
+    click.echo(f"removed {user_id} from {domain}")
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+@admin.group()
+def tokens() -> None:
+    """Personal access tokens (API keys for programs)."""
+
+
+@tokens.command("list")
+@click.option("--domain", default=None, help="All tokens of a domain (needs manage_members).")
+@pass_client
+def tokens_list(client: _Client, domain: str | None) -> None:
+    if domain:
+        _print(client.call("GET", f"/admin/domains/{_q(domain)}/tokens"))
+    else:
+        _print(client.call("GET", "/admin/tokens"))
+
+
+@tokens.command("create")
+@click.argument("domain")
+@click.option("--name", default="")
+@click.option(
+    "--action",
+    "actions",
+    multiple=True,
+    type=click.Choice(
+        ["inference", "read_audit", "manage_domain", "manage_members", "manage_backends"]
+    ),
+    help="Repeatable; default: inference.",
+)
+@click.option("--model", "models", multiple=True, help="Repeatable; default: any model.")
+@click.option("--expires-in", type=click.IntRange(min=1), default=None, help="Seconds.")
+@pass_client
+def tokens_create(
+    client: _Client,
+    *,
+    domain: str,
+    name: str,
+    actions: tuple[str, ...],
+    models: tuple[str, ...],
+    expires_in: int | None,
+) -> None:
+    """Create a token. Its secret is printed now and can never be shown again."""
+    body: dict[str, Any] = {"domain": domain, "name": name}
+    if actions:
+        body["actions"] = list(actions)
+    if models:
+        body["models"] = list(models)
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    answer = client.call("POST", "/admin/tokens", body)
+    _print(answer)
+    click.echo("Store the token now: it is not shown again.", err=True)
+
+
+@tokens.command("get")
+@click.argument("token_id")
+@pass_client
+def tokens_get(client: _Client, token_id: str) -> None:
+    _print(client.call("GET", f"/admin/tokens/{_q(token_id)}"))
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@pass_client
+def tokens_revoke(client: _Client, token_id: str) -> None:
+    _print(client.call("DELETE", f"/admin/tokens/{_q(token_id)}"))
+
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+@admin.group()
+def backends() -> None:
+    """A domain's agents (https://host:port), their kind and models."""
+
+
+@backends.command("list")
+@click.argument("domain")
+@pass_client
+def backends_list(client: _Client, domain: str) -> None:
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/backends"))
+
+
+@backends.command("add")
+@click.argument("domain")
+@click.argument("url")
+@click.option("--kind", type=click.Choice(["vllm", "openai", "ollama"]), default="vllm")
+@click.option("--model", "models", multiple=True, required=True, help="Repeatable.")
+@click.option("--disabled", is_flag=True)
+@pass_client
+def backends_add(
+    client: _Client, *, domain: str, url: str, kind: str, models: tuple[str, ...], disabled: bool
+) -> None:
+    body = {"url": url, "kind": kind, "models": list(models), "enabled": not disabled}
+    _print(client.call("POST", f"/admin/domains/{_q(domain)}/backends", body))
+
+
+@backends.command("update")
+@click.argument("domain")
+@click.argument("backend_id")
+@click.option("--url", default=None)
+@click.option("--kind", type=click.Choice(["vllm", "openai", "ollama"]), default=None)
+@click.option("--model", "models", multiple=True, help="Repeatable; replaces the list.")
+@click.option("--enable/--disable", "enabled", default=None)
+@pass_client
+def backends_update(
+    client: _Client,
+    *,
+    domain: str,
+    backend_id: str,
+    url: str | None,
+    kind: str | None,
+    models: tuple[str, ...],
+    enabled: bool | None,
+) -> None:
+    body: dict[str, Any] = {}
+    if url is not None:
+        body["url"] = url
+    if kind is not None:
+        body["kind"] = kind
+    if models:
+        body["models"] = list(models)
+    if enabled is not None:
+        body["enabled"] = enabled
+    if not body:
+        _fail("nothing to change")
+    _print(client.call("PATCH", f"/admin/domains/{_q(domain)}/backends/{_q(backend_id)}", body))
+
+
+@backends.command("remove")
+@click.argument("domain")
+@click.argument("backend_id")
+@pass_client
+def backends_remove(client: _Client, domain: str, backend_id: str) -> None:
+    client.call("DELETE", f"/admin/domains/{_q(domain)}/backends/{_q(backend_id)}")
+    click.echo(f"removed backend {backend_id}")
+
+
+# -- policies and limits -------------------------------------------------------------------------
+
+
+@admin.group()
+def policies() -> None:
+    """A domain's attestation policy (cube-policy/1)."""
+
+
+@policies.command("get")
+@click.argument("domain")
+@pass_client
+def policies_get(client: _Client, domain: str) -> None:
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/policy"))
+
+
+@policies.command("set")
+@click.argument("domain")
+@click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_client
+def policies_set(client: _Client, domain: str, policy_file: Path) -> None:
+    """Set the policy from a file (as `cube measure` writes it); the server validates it."""
+    try:
+        document = json.loads(policy_file.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read {policy_file}: {exc}")
+    _print(client.call("PUT", f"/admin/domains/{_q(domain)}/policy", document))
+
+
+@policies.command("delete")
+@click.argument("domain")
+@pass_client
+def policies_delete(client: _Client, domain: str) -> None:
+    client.call("DELETE", f"/admin/domains/{_q(domain)}/policy")
+    click.echo(f"removed the policy of {domain} (its agents are refused until one is set)")
+
+
+@admin.group()
+def limits() -> None:
+    """A domain's rate limits (per minute; per domain and per token)."""
+
+
+@limits.command("get")
+@click.argument("domain")
+@pass_client
+def limits_get(client: _Client, domain: str) -> None:
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/limits"))
+
+
+def _limit(value: str | None) -> int | None:
+    if value is None or value in ("none", "unlimited"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        _fail(f"{value!r} is not a number (or 'none')")
+    return number
+
+
+@limits.command("set")
+@click.argument("domain")
+@click.option("--requests-per-minute", default=None, help="A number, or 'none'.")
+@click.option("--tokens-per-minute", default=None)
+@click.option("--token-requests-per-minute", default=None)
+@click.option("--token-tokens-per-minute", default=None)
+@pass_client
+def limits_set(
+    client: _Client,
+    *,
+    domain: str,
+    requests_per_minute: str | None,
+    tokens_per_minute: str | None,
+    token_requests_per_minute: str | None,
+    token_tokens_per_minute: str | None,
+) -> None:
+    """Change the given limits (the others stay)."""
+    given = {
+        "requests_per_minute": requests_per_minute,
+        "tokens_per_minute": tokens_per_minute,
+        "token_requests_per_minute": token_requests_per_minute,
+        "token_tokens_per_minute": token_tokens_per_minute,
+    }
+    body = {k: _limit(v) for k, v in given.items() if v is not None}
+    if not body:
+        _fail("nothing to change")
+    _print(client.call("PATCH", f"/admin/domains/{_q(domain)}/limits", body))
+
+
+# -- audit, usage, keys --------------------------------------------------------------------------
+
+
+@admin.command()
+@click.argument("domain")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100)
+@click.option("--before", type=int, default=None, help="Rows older than this id.")
+@click.option("--event", default=None)
+@pass_client
+def audit(client: _Client, domain: str, limit: int, before: int | None, event: str | None) -> None:
+    """A domain's audit log, newest first (domain admins)."""
+    query: dict[str, Any] = {"limit": limit}
+    if before is not None:
+        query["before"] = before
+    if event is not None:
+        query["event"] = event
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/audit?{urllib.parse.urlencode(query)}"))
+
+
+@admin.command()
+@click.argument("domain")
+@pass_client
+def usage(client: _Client, domain: str) -> None:
+    """Tokens used per user and model in a domain (domain admins)."""
+    _print(client.call("GET", f"/admin/domains/{_q(domain)}/usage"))
+
+
+@admin.group()
+def keys() -> None:
+    """The proxy's signing keys (platform administrators)."""
+
+
+@keys.command("list")
+@pass_client
+def keys_list(client: _Client) -> None:
+    _print(client.call("GET", "/admin/keys"))
+
+
+@keys.command("rotate")
+@pass_client
+def keys_rotate(client: _Client) -> None:
+    _print(client.call("POST", "/admin/keys/rotate"))

@@ -1,0 +1,172 @@
+"""One async database handle over SQLite (a file, the default) and PostgreSQL.
+
+Both go through SQLAlchemy Core's async engine (aiosqlite, asyncpg), so every query is written
+once. Transactions are explicit: :meth:`Database.read` for a consistent snapshot,
+:meth:`Database.write` for changes.
+
+SQLite specifics, all set on every new connection:
+
+- ``journal_mode=WAL`` and ``synchronous=FULL``: a transaction is durable when COMMIT returns
+  (the WAL is fsynced on every commit), so a write acknowledged to a client survives SIGKILL
+  or power loss;
+- ``foreign_keys=ON`` (off by default in SQLite) so cascades behave as on PostgreSQL;
+- ``busy_timeout`` so a second process (``cube admin`` over the file, another proxy) waits for
+  the write lock instead of failing;
+- SQLAlchemy, not the sqlite3 module, emits BEGIN, so reads are real transactions and writes
+  start with ``BEGIN IMMEDIATE`` (taking the write lock up front: a read-then-write
+  transaction can never fail half way with SQLITE_BUSY_SNAPSHOT). Writers in one process are
+  also serialized by an asyncio lock, so they queue on the loop rather than on a file lock.
+
+PostgreSQL runs at READ COMMITTED; code that must not race uses conditional UPDATEs (checking
+the affected row count) or ``SELECT ... FOR UPDATE`` (ignored by SQLite, whose writers are
+serial anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+__all__ = ["Database", "DatabaseError", "Dialect", "database_url", "redacted_url"]
+
+log = logging.getLogger("cube.proxy.db")
+
+Dialect = Literal["sqlite", "postgresql"]
+_IMMEDIATE = "cube_begin_immediate"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseError(Exception):
+    """The database could not be opened, migrated or used (message free of credentials)."""
+
+
+def database_url(spec: str) -> URL:
+    """A SQLAlchemy async URL from what a user passes to ``--database``.
+
+    Accepted: a file path (SQLite), ``sqlite:///path``, ``postgresql://...`` or
+    ``postgres://...`` (asyncpg). Anything else is refused.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise DatabaseError("empty database location")
+    if "://" not in spec:
+        return URL.create("sqlite+aiosqlite", database=str(Path(spec).expanduser().resolve()))
+    try:
+        url = make_url(spec)
+    except ArgumentError as exc:
+        raise DatabaseError("malformed database URL") from exc
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise DatabaseError("SQLite needs a file (an in-memory database loses every write)")
+        return url.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+asyncpg")
+    raise DatabaseError(f"unsupported database {backend!r} (use a SQLite file or postgresql://)")
+
+
+def redacted_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy emits BEGIN itself (see _sqlite_begin); the driver must not.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        mode = cursor.fetchone()
+        if not mode or str(mode[0]).lower() != "wal":
+            raise DatabaseError("SQLite refused WAL journal mode")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _quiet_driver_loggers() -> None:
+    """aiosqlite logs every statement WITH its parameters at DEBUG (password hashes, token
+    hashes, signing keys): an application running at DEBUG must never see them."""
+    driver = logging.getLogger("aiosqlite")
+    if driver.level < logging.WARNING:  # NOTSET (0) would inherit the root level
+        driver.setLevel(logging.WARNING)
+
+
+class Database:
+    """The proxy's database. Create with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine, dialect: Dialect, url: URL) -> None:
+        self.engine = engine
+        self.dialect: Dialect = dialect
+        self.url = url
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    def open(cls, spec: str | URL, *, pool_size: int = 10) -> Database:
+        url = spec if isinstance(spec, URL) else database_url(spec)
+        backend = url.get_backend_name()
+        _quiet_driver_loggers()
+        if backend == "sqlite":
+            if url.database:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # hide_parameters: SQL parameters never appear in SQLAlchemy's logs or in the
+            # messages of its exceptions (they carry hashes and keys).
+            engine = create_async_engine(
+                url, pool_size=pool_size, max_overflow=0, hide_parameters=True
+            )
+            event.listen(engine.sync_engine, "connect", _sqlite_connect)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+            return cls(engine, "sqlite", url)
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            hide_parameters=True,
+        )
+        return cls(engine, "postgresql", url)
+
+    def describe(self) -> str:
+        """The location without its password (for logs)."""
+        return redacted_url(self.url)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction (a snapshot on both databases for its single statements)."""
+        async with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed when the block exits without an exception."""
+        if self.dialect == "sqlite":
+            async with self._write_lock, self.engine.connect() as conn:
+                await conn.execution_options(**{_IMMEDIATE: True})
+                async with conn.begin():
+                    yield conn
+        else:
+            async with self.engine.connect() as conn, conn.begin():
+                yield conn
+
+    async def ping(self) -> None:
+        async with self.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,74 @@
+"""Versioned schema migrations, applied at start in one transaction.
+
+``schema_version`` holds one row per applied migration. :func:`migrate` takes the write lock
+(SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock, so replicas
+starting together migrate once), applies every migration newer than the database's version in
+order, records each, and commits — all or nothing, since DDL is transactional on both
+databases. Running it again is a no-op. A database newer than this code is refused (an old
+proxy must not write into a schema it does not know).
+
+To change the schema: edit :mod:`proxy.db.schema` and append a migration bringing version N-1
+to N. Migration 1 creates the tables from the schema module, which is why later migrations must
+be written as ALTERs against what existed before them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from proxy.db import schema
+from proxy.db.engine import Database, DatabaseError
+
+__all__ = ["MIGRATIONS", "current_version", "migrate"]
+
+Migration = Callable[[sa.Connection], None]
+# Any constant: the advisory lock key that serializes migrations across replicas.
+_PG_LOCK_KEY = 0x43554245  # "CUBE"
+
+
+def _v1_initial(conn: sa.Connection) -> None:
+    tables = [t for t in schema.metadata.sorted_tables if t.name != "schema_version"]
+    schema.metadata.create_all(conn, tables=tables)
+
+
+#: (version, description, function), in order; versions start at 1 and have no gaps.
+MIGRATIONS: tuple[tuple[int, str, Migration], ...] = ((1, "initial schema", _v1_initial),)
+
+LATEST = MIGRATIONS[-1][0]
+
+
+async def current_version(conn: AsyncConnection) -> int:
+    """The database's schema version (0 for an empty database)."""
+    exists = await conn.run_sync(lambda c: sa.inspect(c).has_table("schema_version"))
+    if not exists:
+        return 0
+    value = (await conn.execute(sa.select(sa.func.max(schema.schema_version.c.version)))).scalar()
+    return int(value or 0)
+
+
+async def migrate(db: Database) -> list[int]:
+    """Bring the database to the latest version; returns the versions applied now."""
+    applied: list[int] = []
+    async with db.write() as conn:
+        if db.dialect == "postgresql":
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        await conn.run_sync(lambda c: schema.metadata.create_all(c, tables=[schema.schema_version]))
+        version = await current_version(conn)
+        if version > LATEST:
+            raise DatabaseError(
+                f"the database schema is version {version}, newer than this proxy knows "
+                f"({LATEST}); upgrade the proxy"
+            )
+        for number, _description, function in MIGRATIONS:
+            if number <= version:
+                continue
+            await conn.run_sync(function)
+            await conn.execute(
+                sa.insert(schema.schema_version).values(version=number, applied_at=time.time())
+            )
+            applied.append(number)
+    return applied

@@ -1,0 +1,70 @@
+"""The proxy's forwarding gateway: attestation-gated, tenant-routed, streaming.
+
+Modules, one concern each:
+
+- :mod:`proxy.gateway.settings`  tunables
+- :mod:`proxy.gateway.service`   the :class:`Gateway` state and its lifecycle, health checks
+- :mod:`proxy.gateway.forward`   routes and the forwarding exchange
+- :mod:`proxy.gateway.attest`    the attestation gate (evidence, policy, certificate pin)
+- :mod:`proxy.gateway.agents`    agents per domain, their state, load balancing
+- :mod:`proxy.gateway.tls`       pinned TLS to agents
+- :mod:`proxy.gateway.cache`     short-lived caches in front of the directory
+- :mod:`proxy.gateway.ratelimit` requests and tokens per minute
+- :mod:`proxy.gateway.metering`  usage from backend answers; the audit/usage writer
+- :mod:`proxy.gateway.ops`       /health, /ready, /metrics, JSON logs, request ids
+- :mod:`proxy.gateway.metrics`   Prometheus metrics
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.directory import Directory
+from proxy.gateway import forward, ops
+from proxy.gateway.forward import PROXY_MS_HEADER
+from proxy.gateway.metrics import METRICS, GatewayMetrics
+from proxy.gateway.service import GATEWAY, Gateway
+from proxy.gateway.settings import GatewaySettings
+
+__all__ = [
+    "GATEWAY",
+    "METRICS",
+    "PROXY_MS_HEADER",
+    "Gateway",
+    "GatewayMetrics",
+    "GatewaySettings",
+    "setup",
+    "setup_ops",
+]
+
+
+def setup_ops(app: web.Application, *, access_log: bool = True) -> None:
+    """``/health``, ``/ready``, ``/metrics`` and the outermost middleware (request ids, JSON
+    errors, the access log). Call first, before other modules add middlewares or routes."""
+    ops.setup(app, access_log_enabled=access_log)
+
+
+def setup(
+    app: web.Application,
+    directory: Directory,
+    settings: GatewaySettings | None = None,
+) -> Gateway:
+    """Install the gateway: its state (owned by the app's ``cleanup_ctx``), the readiness check
+    of the directory, and the forwarding routes. Call after :func:`setup_ops` and after every
+    module adding fixed routes (the admin API): the ``/{domain}/...`` routes come last."""
+    if ops.READY_CHECKS not in app:
+        setup_ops(app, access_log=(settings or GatewaySettings()).access_log)
+    metrics = GatewayMetrics()
+    gateway = Gateway(directory, settings, metrics=metrics)
+    app[GATEWAY] = gateway
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(gateway.cleanup_ctx)
+
+    async def directory_ready(app: web.Application) -> tuple[bool, str]:
+        del app
+        await directory.domain_by_alias("-ready-probe-")
+        return True, "the directory answers"
+
+    app[ops.READY_CHECKS]["directory"] = directory_ready
+    forward.setup(app)
+    return gateway

@@ -1,0 +1,306 @@
+"""The attestation gate: no request reaches an agent whose evidence the gateway has not just
+verified against the domain's policy, over TLS pinned to the certificate that evidence names.
+
+An agent is (re)verified:
+
+- before its first request;
+- when its evidence is older than the policy's ``max_evidence_age_seconds`` (requests then
+  wait), and in the background from ``refresh_fraction`` of that age on (requests go on with
+  the still-valid pin meanwhile);
+- when the domain's policy changes;
+- when its TLS certificate changes (a pinned connection was refused: the forwarding code calls
+  :meth:`AttestationGate.certificate_changed`).
+
+Verification: fetch ``/attestation?nonce=`` with a fresh random 32-byte nonce, read the
+certificate that connection presented, verify the document with
+:func:`attestation.evidence.verify_evidence` (in a worker thread: it is CPU work), and require
+the claims' ``tls_cert_sha256`` to be exactly that certificate's SHA-256. All requests for one
+agent wait on one verification in flight (a shared task; a waiter that is cancelled does not
+cancel it). A refusal takes the agent out of rotation for ``failure_retry_seconds``, is logged
+and audited, and answers every waiting request with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from attestation.errors import AttestationError
+from attestation.evidence import VerifiedEvidence, verify_evidence
+from attestation.policy import Policy
+from proxy.gateway.agents import Agent, AgentFailure, Trust
+from proxy.gateway.metrics import GatewayMetrics
+from proxy.gateway.settings import GatewaySettings
+from proxy.gateway.tls import CertificateCapture, sha256
+
+__all__ = ["AttestationGate", "LoadedPolicy", "load_policy_bytes"]
+
+log = logging.getLogger("cube.proxy.attestation")
+
+_TRANSIENT_STATUSES = (429, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A domain's policy, parsed once per distinct document."""
+
+    policy: Policy
+    sha256: bytes
+
+
+def load_policy_bytes(data: bytes) -> LoadedPolicy:
+    """Parse a ``cube-policy/1`` document (raises :class:`attestation.errors.AttestationError`)."""
+    from attestation.policy import load_policy
+
+    return LoadedPolicy(load_policy(data), hashlib.sha256(data).digest())
+
+
+FailureHook = Callable[[Agent, AgentFailure], None]
+
+
+class AttestationGate:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        *,
+        on_failure: FailureHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.on_failure = on_failure
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            # A fresh connection per fetch: its certificate is the one checked.
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            timeout=aiohttp.ClientTimeout(
+                total=self.settings.attestation_timeout,
+                sock_connect=self.settings.agent_connect_timeout,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- the gate ---------------------------------------------------------------------------
+
+    async def trust(self, agent: Agent, policy: LoadedPolicy) -> Trust:
+        """The agent's current trust under ``policy``, verifying first when needed.
+
+        Raises :class:`AgentFailure`.
+        """
+        now = self._clock()
+        trust = agent.trust
+        if trust is not None and trust.policy_sha256 == policy.sha256 and now < trust.expires_at:
+            if now >= trust.refresh_at and agent.verifying is None:
+                self._start(agent, policy, background=True)
+            return trust
+        failure = agent.failure
+        if failure is not None and now < agent.retry_at and failure.policy_sha256 == policy.sha256:
+            raise failure
+        for _ in range(2):
+            task = agent.verifying or self._start(agent, policy, background=False)
+            trust = await asyncio.shield(task)
+            if trust.policy_sha256 == policy.sha256:
+                return trust
+        raise AgentFailure(
+            "the domain's policy changed during verification; retry",
+            code="policy_changed",
+            attestation=False,
+        )
+
+    def certificate_changed(self, agent: Agent, trust: Trust) -> None:
+        """A pinned connection was refused: forget that pin (the next use re-verifies)."""
+        self.metrics.certificate_changes.inc()
+        if agent.trust is trust:
+            agent.trust = None
+            log.warning(
+                "agent certificate changed; re-verifying before any further request",
+                extra={"fields": {"backend_id": agent.id, "pinned": trust.cert_sha256.hex()}},
+            )
+
+    def _start(
+        self, agent: Agent, policy: LoadedPolicy, *, background: bool
+    ) -> asyncio.Task[Trust]:
+        task = asyncio.get_running_loop().create_task(
+            self._run(agent, policy), name=f"attest-{agent.id}"
+        )
+        agent.verifying = task
+        if background:
+            task.add_done_callback(_consume)
+        return task
+
+    async def _run(self, agent: Agent, policy: LoadedPolicy) -> Trust:
+        try:
+            trust = await self._verify(agent, policy)
+        except AgentFailure as failure:
+            if failure.attestation:
+                agent.trust = None
+                agent.failure = failure
+                agent.retry_at = self._clock() + self.settings.failure_retry_seconds
+                self.metrics.verifications.labels(outcome="refused").inc()
+                log.warning(
+                    "agent refused by attestation",
+                    extra={"fields": {"backend_id": agent.id, "reason": failure.message}},
+                )
+                if self.on_failure is not None:
+                    self.on_failure(agent, failure)
+            else:
+                self.metrics.verifications.labels(outcome="unavailable").inc()
+                agent.mark_down(failure.message, self.settings.down_seconds)
+            raise
+        finally:
+            if agent.verifying is asyncio.current_task():
+                agent.verifying = None
+        agent.trust = trust
+        agent.failure = None
+        agent.mark_up()
+        self.metrics.verifications.labels(outcome="verified").inc()
+        log.info(
+            "agent verified",
+            extra={
+                "fields": {
+                    "backend_id": agent.id,
+                    "platform": trust.platform,
+                    "tls_cert_sha256": trust.cert_sha256.hex(),
+                    "evidence_digest": trust.evidence_digest,
+                }
+            },
+        )
+        return trust
+
+    async def _fetch(self, agent: Agent, nonce: bytes) -> tuple[bytes, bytes]:
+        """The evidence document and the DER certificate of the connection that carried it."""
+        assert self._session is not None, "the gate is not started"
+        url = agent.base_url.with_path("/attestation").with_query({"nonce": nonce.hex()})
+        limit = self.settings.max_evidence_bytes
+        capture = CertificateCapture()
+        try:
+            async with self._session.get(
+                url, ssl=capture, allow_redirects=False, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status in _TRANSIENT_STATUSES:
+                    raise AgentFailure(
+                        f"agent {agent.id} is busy (HTTP {response.status} to the evidence "
+                        "request)",
+                        code="agent_busy",
+                        attestation=False,
+                    )
+                if response.status != 200:
+                    raise AgentFailure(
+                        f"agent {agent.id} did not serve evidence (HTTP {response.status})",
+                        code="evidence_unavailable",
+                        attestation=True,
+                    )
+                if (response.content_length or 0) > limit:
+                    raise AgentFailure(
+                        f"agent {agent.id} sent an oversized evidence document",
+                        code="evidence_unavailable",
+                        attestation=True,
+                    )
+                body = await response.content.read(limit + 1)
+                while not response.content.at_eof() and len(body) <= limit:
+                    more = await response.content.read(limit + 1 - len(body))
+                    if not more:
+                        break
+                    body += more
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AgentFailure(
+                f"agent {agent.id} is unreachable ({type(exc).__name__})",
+                code="agent_unreachable",
+                attestation=False,
+            ) from None
+        if len(body) > limit:
+            raise AgentFailure(
+                f"agent {agent.id} sent an oversized evidence document",
+                code="evidence_unavailable",
+                attestation=True,
+            )
+        der = capture.der
+        if der is None:
+            raise AgentFailure(
+                f"agent {agent.id} presented no TLS certificate",
+                code="certificate_mismatch",
+                attestation=True,
+            )
+        return body, der
+
+    async def _verify(self, agent: Agent, policy: LoadedPolicy) -> Trust:
+        agent.verifications += 1
+        started = self._clock()
+        nonce = secrets.token_bytes(32)
+        document, der = await self._fetch(agent, nonce)
+
+        def failure(message: str, code: str) -> AgentFailure:
+            return AgentFailure(
+                f"agent {agent.id} failed attestation: {message}",
+                code=code,
+                attestation=True,
+                policy_sha256=policy.sha256,
+            )
+
+        try:
+            verified: VerifiedEvidence = await asyncio.to_thread(
+                verify_evidence,
+                document,
+                nonce=nonce,
+                policy=policy.policy,
+                now=self._wall_clock(),
+            )
+        except AttestationError as exc:
+            raise failure(str(exc), "attestation_failed") from None
+        presented = sha256(der)
+        if not hmac.compare_digest(presented, verified.claims.tls_cert_sha256):
+            raise failure(
+                "the TLS certificate this connection presented "
+                f"(sha256 {presented.hex()}) is not the one its evidence names "
+                f"(sha256 {verified.claims.tls_cert_sha256.hex()}): refusing a possible "
+                "interception",
+                "certificate_mismatch",
+            )
+        previous = agent.trust
+        fingerprint = (
+            previous.fingerprint
+            if previous is not None and previous.cert_sha256 == presented
+            else aiohttp.Fingerprint(presented)  # a new pin: new pooled connections
+        )
+        # The evidence's age counts from when it was asked for (its claims' issue time is
+        # after that); the policy bounds how long it is relied on.
+        max_age = float(policy.policy.max_evidence_age_seconds)
+        return Trust(
+            cert_sha256=presented,
+            fingerprint=fingerprint,
+            evidence_digest=verified.digest,
+            policy_sha256=policy.sha256,
+            platform=verified.platform,
+            model=verified.claims.model_name,
+            verified_at=started,
+            refresh_at=started + max_age * self.settings.refresh_fraction,
+            expires_at=started + max_age,
+        )
+
+
+def _consume(task: asyncio.Task[Trust]) -> None:
+    # A background refresh's failure is recorded on the agent; nobody awaits the task.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,64 @@
+"""JSON errors in OpenAI's shape, and the exception handlers raise to produce them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+__all__ = ["ERROR_TYPES", "GatewayError", "json_error"]
+
+ERROR_TYPES: Mapping[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "upstream_error",
+}
+
+
+def json_error(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """``{"error": {"message", "type", "code"}}`` with ``status``."""
+    error = {
+        "message": message,
+        "type": type_ or ERROR_TYPES.get(status, "server_error"),
+        "code": code,
+    }
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+class GatewayError(Exception):
+    """A refusal with a status and a message that is safe to show the client."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        type_: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type_
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        return json_error(
+            self.status, self.message, type_=self.type, code=self.code, headers=self.headers
+        )

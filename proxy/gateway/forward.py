@@ -1,0 +1,725 @@
+"""Forwarding: ``/{domain}/v1/...``, ``/{domain}/api/...``, plain ``/v1/...`` (a PAT bound to a
+domain) and ``/{domain}/attestation?nonce=``.
+
+Per request: authenticate the bearer credential for the domain the route names (the directory
+decides; the caller's credential never leaves the proxy), check the ``inference`` action and
+the model scope, admit it under the domain's and the token's rate limits, pick an agent of that
+domain serving the model, pass the attestation gate, and forward over TLS pinned to the
+attested certificate with a short-lived JWT the proxy signs for the domain (``aud`` = the
+domain alias). Failover: a connection that cannot be made (or a pinned certificate that
+changed and no longer verifies) moves the request to the next agent; nothing is retried once
+the agent began answering. Bodies pass through byte for byte: the request JSON is parsed only
+to read ``model``; responses are relayed as received, streams chunk by chunk with no write
+timeout; the client's disconnect closes the upstream connection (the agent then stops its
+backend). Usage is read from the backend's usage fields; every request leaves one audit row
+(who, domain, model, status, tokens, latency, evidence digest, backend), never text.
+
+Response headers added: ``X-Cube-Proxy-Ms`` (time the proxy itself spent: everything but
+waiting on the agent, verification included), ``X-Cube-Agent`` (the backend id) and
+``X-Cube-Evidence`` (digest of the verified evidence that served it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+from urllib.parse import urlencode
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from proxy.directory import AuditRecord, AuthError, Caller, DomainLimits
+from proxy.gateway.agents import Agent, AgentFailure, Trust
+from proxy.gateway.attest import LoadedPolicy
+from proxy.gateway.errors import GatewayError
+from proxy.gateway.metering import Usage, UsageScanner
+from proxy.gateway.metrics import observe_request
+from proxy.gateway.ops import LOG_FIELDS, REQUEST_ID
+from proxy.gateway.ratelimit import LimitExceeded
+from proxy.gateway.service import GATEWAY, Gateway
+from proxy.gateway.upstream import (
+    CertificateMismatch,
+    ConnectFailed,
+    StaleConnection,
+    UpstreamError,
+    UpstreamResponse,
+)
+
+__all__ = ["PROXY_MS_HEADER", "RESERVED_ALIASES", "setup"]
+
+log = logging.getLogger("cube.proxy.forward")
+
+PROXY_MS_HEADER: Final = "X-Cube-Proxy-Ms"
+#: First path segments never taken for a domain alias (the directory should refuse them as
+#: aliases too): the proxy's own fixed routes live there.
+RESERVED_ALIASES: Final = frozenset(
+    {"v1", "api", "admin", "auth", "health", "ready", "metrics", ".well-known", "attestation"}
+)
+_STATUS_CLIENT_CLOSED: Final = 499
+_PARSE_OFF_LOOP: Final = 1024 * 1024
+_MAX_ROUTE: Final = 200
+
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Never forwarded to an agent: the caller's credentials, client-network details, and what the
+#: client session sets itself.
+_NOT_FORWARDED: Final = _HOP_BY_HOP | frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "cookie2",
+        "api-key",
+        "x-api-key",
+        "openai-organization",
+        "openai-project",
+        "forwarded",
+        "x-real-ip",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "expect",
+        "x-request-id",
+    }
+)
+_NOT_FORWARDED_PREFIXES: Final = ("proxy-", "x-forwarded-", "x-cube-", "cf-", "x-amzn-")
+_RESPONSE_HEADERS: Final = ("Content-Type", "Retry-After", "Cache-Control", "Content-Encoding")
+_STREAM_TYPES: Final = ("text/event-stream", "application/x-ndjson")
+
+
+@dataclass
+class Exchange:
+    """One request's bookkeeping (timing, outcome, audit facts)."""
+
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    upstream_wait: float = 0.0
+    status: int = 500
+    caller: Caller | None = None
+    model: str | None = None
+    agent: Agent | None = None
+    trust: Trust | None = None
+    usage: Usage | None = None
+    detail: str | None = None
+    limits: DomainLimits | None = None
+    added: str | None = None
+
+    def added_ms(self) -> str:
+        """The proxy's own time so far (frozen once the response headers are written)."""
+        if self.added is None:
+            added = time.perf_counter() - self.started - self.upstream_wait
+            self.added = f"{max(0.0, added) * 1000:.3f}"
+        return self.added
+
+
+# -- request parsing -----------------------------------------------------------------------------
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    if header is None:
+        raise GatewayError(
+            401,
+            "a bearer token is required (Authorization: Bearer <token>)",
+            code="missing_token",
+            headers={"WWW-Authenticate": 'Bearer realm="cube-proxy"'},
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise GatewayError(
+            401,
+            "use 'Authorization: Bearer <token>'",
+            code="malformed_token",
+            headers={"WWW-Authenticate": 'Bearer realm="cube-proxy", error="invalid_token"'},
+        )
+    return token
+
+
+async def _authenticate(gw: Gateway, request: web.Request, alias: str | None) -> Caller:
+    bearer = _bearer(request)
+    try:
+        caller = await gw.cache.authenticate(bearer, alias)
+    except AuthError as exc:
+        gw.metrics.auth_failures.labels(status=str(exc.status)).inc()
+        challenge = "invalid_token" if exc.status == 401 else "insufficient_scope"
+        raise GatewayError(
+            exc.status,
+            exc.message,
+            code=exc.code,
+            headers={"WWW-Authenticate": f'Bearer realm="cube-proxy", error="{challenge}"'},
+        ) from None
+    if alias is not None and caller.domain_alias != alias:
+        # The directory must answer for the domain asked; anything else is a bug, fail closed.
+        raise GatewayError(403, "this credential is not valid for this domain", code="forbidden")
+    if not caller.may("inference"):
+        gw.metrics.auth_failures.labels(status="403").inc()
+        raise GatewayError(
+            403, "this credential does not allow inference in this domain", code="forbidden"
+        )
+    return caller
+
+
+def _model_of(data: object, ollama: bool) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    if model is None and ollama:
+        model = data.get("name")  # Ollama's older /api/show, /api/pull field
+    return model if isinstance(model, str) and model else None
+
+
+async def _read_model(body: bytes, ollama: bool) -> str | None:
+    if not body:
+        return None
+    try:
+        if len(body) > _PARSE_OFF_LOOP:
+            data = await asyncio.to_thread(json.loads, body)
+        else:
+            data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None  # not JSON: the agent answers that; no model scope to check here
+    return _model_of(data, ollama)
+
+
+_BAD_ESCAPES: Final = ("%2e", "%2f", "%5c", "%00")
+
+
+def _target(request: web.Request, alias: str | None, tail: str) -> str:
+    """The request target for the agent: the path after the domain, as the client encoded it,
+    and the query. Paths that could be read as another resource are refused."""
+    if "\\" in tail or ("." in tail and any(s in (".", "..") for s in tail.split("/"))):
+        raise GatewayError(400, "invalid path", code="invalid_path")
+    raw = request.rel_url.raw_path
+    if alias is not None:
+        raw = "/" + raw.split("/", 2)[2]
+    if "%" in raw and any(bad in raw.lower() for bad in _BAD_ESCAPES):
+        raise GatewayError(400, "invalid path", code="invalid_path")
+    query = request.rel_url.raw_query_string
+    return f"{raw}?{query}" if query else raw
+
+
+def _upstream_headers(request: web.Request, token: str) -> list[tuple[str, str]]:
+    out = [
+        (name, value)
+        for name, value in request.headers.items()
+        if not (
+            (lower := name.lower()) in _NOT_FORWARDED or lower.startswith(_NOT_FORWARDED_PREFIXES)
+        )
+        and "\r" not in value
+        and "\n" not in value
+    ]
+    out.append(("Authorization", f"Bearer {token}"))
+    out.append(("Accept-Encoding", "identity"))
+    out.append(("X-Request-Id", request[REQUEST_ID]))
+    return out
+
+
+def _response_headers(upstream: UpstreamResponse, agent: Agent, trust: Trust) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name in _RESPONSE_HEADERS:
+        value = upstream.headers.get(name)
+        if value is not None:
+            out[name] = value
+    out["X-Cube-Agent"] = agent.id
+    out["X-Cube-Evidence"] = trust.evidence_digest
+    return out
+
+
+# -- the exchange --------------------------------------------------------------------------------
+
+
+def _no_agent(failures: list[AgentFailure]) -> GatewayError:
+    refusals = [f for f in failures if f.attestation]
+    if refusals:
+        message = "; ".join(dict.fromkeys(f.message for f in refusals))
+        return GatewayError(503, message, code=refusals[0].code, headers={"Retry-After": "5"})
+    if failures:
+        message = "; ".join(dict.fromkeys(f.message for f in failures))
+        return GatewayError(
+            503,
+            f"no agent is available: {message}",
+            code=failures[0].code,
+            headers={"Retry-After": "1"},
+        )
+    return GatewayError(503, "no agent is available", code="agents_unavailable")
+
+
+async def _open(
+    gw: Gateway,
+    ex: Exchange,
+    agent: Agent,
+    *,
+    policy: LoadedPolicy,
+    method: str,
+    target: str,
+    body: bytes | None,
+    headers: list[tuple[str, str]],
+) -> tuple[UpstreamResponse, Trust]:
+    """Send the request to ``agent`` over its pinned connection; the response (headers read)."""
+    fresh = False
+    changed = False
+    while True:
+        trust = await gw.gate.trust(agent, policy)
+        t0 = time.perf_counter()
+        try:
+            response = await gw.upstream.request(
+                agent.base_url,
+                trust.cert_sha256,
+                method=method,
+                target=target,
+                headers=headers,
+                body=body,
+                fresh=fresh,
+            )
+        except CertificateMismatch:
+            ex.upstream_wait += time.perf_counter() - t0
+            gw.gate.certificate_changed(agent, trust)
+            if changed:
+                raise AgentFailure(
+                    f"agent {agent.id} keeps presenting a certificate that is not the attested one",
+                    code="certificate_mismatch",
+                    attestation=True,
+                ) from None
+            changed = True  # re-verify once: a restarted agent attests its new certificate
+            continue
+        except ConnectFailed as exc:
+            ex.upstream_wait += time.perf_counter() - t0
+            gw.metrics.agent_errors.labels(kind="connect").inc()
+            agent.mark_down(str(exc), gw.settings.down_seconds)
+            raise AgentFailure(
+                f"agent {agent.id} is unreachable", code="agent_unreachable", attestation=False
+            ) from None
+        except StaleConnection:
+            # A kept-alive connection the agent had closed: once more on a new one.
+            ex.upstream_wait += time.perf_counter() - t0
+            gw.metrics.agent_errors.labels(kind="stale").inc()
+            if fresh:
+                raise AgentFailure(
+                    f"agent {agent.id} closed the connection",
+                    code="agent_unreachable",
+                    attestation=False,
+                ) from None
+            fresh = True
+            continue
+        except UpstreamError as exc:
+            # The request may have reached the agent: not retried elsewhere.
+            ex.upstream_wait += time.perf_counter() - t0
+            gw.metrics.agent_errors.labels(kind="protocol").inc()
+            raise GatewayError(
+                502, f"agent {agent.id} failed to answer: {exc}", code="agent_invalid"
+            ) from None
+        ex.upstream_wait += time.perf_counter() - t0
+        return response, trust
+
+
+async def _relay(
+    request: web.Request,
+    ex: Exchange,
+    upstream: UpstreamResponse,
+    agent: Agent,
+    trust: Trust,
+) -> web.StreamResponse:
+    headers = _response_headers(upstream, agent, trust)
+    content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "").lower()
+    scanner = UsageScanner()
+    ex.status = upstream.status
+    if not content_type.startswith(_STREAM_TYPES):
+        t0 = time.perf_counter()
+        try:
+            body = await upstream.read()
+        except UpstreamError:
+            ex.upstream_wait += time.perf_counter() - t0
+            raise GatewayError(
+                502, f"agent {agent.id} failed while answering", code="agent_disconnected"
+            ) from None
+        ex.upstream_wait += time.perf_counter() - t0
+        if upstream.status < 300:
+            ex.usage = scanner.whole(body)
+        headers[PROXY_MS_HEADER] = ex.added_ms()
+        return web.Response(body=body, status=upstream.status, headers=headers)
+
+    headers[hdrs.CACHE_CONTROL] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    headers[PROXY_MS_HEADER] = ex.added_ms()
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.chunks():
+            scanner.feed(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                ex.status = _STATUS_CLIENT_CLOSED
+                ex.detail = "client disconnected"
+                ex.usage = scanner.finish()
+                return response
+    except UpstreamError:
+        # The agent went away mid-stream: end the client's connection without a clean end of
+        # stream, so it cannot take a truncated answer for a complete one.
+        ex.status = 502
+        ex.detail = "agent disconnected mid-stream"
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    ex.usage = scanner.finish()
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        ex.status = _STATUS_CLIENT_CLOSED
+    return response
+
+
+async def _forward(
+    request: web.Request,
+    gw: Gateway,
+    ex: Exchange,
+    *,
+    candidates: list[Agent],
+    policy: LoadedPolicy,
+    target: str,
+    body: bytes | None,
+    headers: list[tuple[str, str]],
+) -> web.StreamResponse:
+    failures: list[AgentFailure] = []
+    for index, agent in enumerate(gw.pool.order(candidates)):
+        if index:
+            gw.metrics.failovers.inc()
+        agent.in_flight += 1
+        upstream: UpstreamResponse | None = None
+        try:
+            try:
+                upstream, trust = await _open(
+                    gw,
+                    ex,
+                    agent,
+                    policy=policy,
+                    method=request.method,
+                    target=target,
+                    body=body,
+                    headers=headers,
+                )
+            except AgentFailure as failure:
+                failures.append(failure)
+                continue
+            ex.agent, ex.trust = agent, trust
+            agent.last_used = time.monotonic()
+            return await _relay(request, ex, upstream, agent, trust)
+        finally:
+            agent.in_flight -= 1
+            if upstream is not None:
+                if upstream.done:
+                    upstream.release()
+                else:
+                    upstream.close()  # tells the agent (and its backend) to stop
+    raise _no_agent(failures)
+
+
+def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> None:
+    """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits)."""
+    caller = ex.caller
+    usage = ex.usage
+    latency = (time.perf_counter() - ex.started) * 1000
+    route = ex.route
+    observe_request(gw.metrics, route, ex.status, float(ex.added_ms()))
+    fields = request.setdefault(LOG_FIELDS, {})
+    if caller is None:
+        return
+    fields["domain"] = caller.domain_alias
+    if ex.agent is not None:
+        fields["backend_id"] = ex.agent.id
+    if ex.model is not None:
+        fields["model"] = ex.model
+    prompt = usage.prompt_tokens if usage is not None else None
+    completion = usage.completion_tokens if usage is not None else None
+    if usage is not None and usage.known:
+        gw.metrics.prompt_tokens.inc(prompt or 0)
+        gw.metrics.completion_tokens.inc(completion or 0)
+        gw.writer.usage(
+            domain_id=caller.domain_id,
+            user_id=caller.user_id,
+            model=ex.model or (ex.trust.model if ex.trust is not None else "unknown"),
+            prompt_tokens=prompt or 0,
+            completion_tokens=completion or 0,
+        )
+        if ex.limits is not None:
+            gw.limiter.charge(caller, ex.limits, usage.total)
+    gw.writer.audit(
+        AuditRecord(
+            domain_id=caller.domain_id,
+            user_id=caller.user_id,
+            route=route,
+            status=ex.status,
+            when=datetime.now(UTC),
+            model=ex.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            latency_ms=round(latency, 3),
+            evidence_digest=ex.trust.evidence_digest if ex.trust is not None else None,
+            backend_id=ex.agent.id if ex.agent is not None else None,
+            token_id=caller.token_id,
+            detail=ex.detail,
+        )
+    )
+
+
+def _error(ex: Exchange, error: GatewayError) -> web.Response:
+    ex.status = error.status
+    if ex.detail is None and error.status >= 500:
+        ex.detail = error.message[:1000]
+    elif ex.detail is None:
+        ex.detail = error.code
+    response = error.response()
+    response.headers[PROXY_MS_HEADER] = ex.added_ms()
+    return response
+
+
+def _route_name(path: str) -> str:
+    return path if len(path) <= _MAX_ROUTE else path[:_MAX_ROUTE]
+
+
+async def _serve(
+    request: web.Request, alias: str | None, prefix: str, tail: str, *, ollama: bool
+) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    path = prefix + tail
+    ex = Exchange(route=_route_name(path))
+    try:
+        target = _target(request, alias, tail)
+        if request.method not in ("GET", "POST"):
+            raise GatewayError(405, f"method {request.method} is not supported", code="bad_method")
+        ex.caller = caller = await _authenticate(gw, request, alias)
+        body: bytes | None = None
+        if request.method == "POST":
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise GatewayError(
+                    413, "the request body is too large", code="body_too_large"
+                ) from None
+            ex.model = await _read_model(body, ollama)
+        if ex.model is not None and not caller.may_use_model(ex.model):
+            raise GatewayError(
+                403, f"this credential may not use the model {ex.model!r}", code="model_forbidden"
+            )
+        limits = await gw.cache.limits(caller.domain_id)
+        try:
+            gw.limiter.admit(caller, limits)
+        except LimitExceeded as exc:
+            gw.metrics.rate_limited.labels(limit=exc.which).inc()
+            raise GatewayError(
+                429,
+                f"rate limit reached ({exc.which.replace('_', ' ')} per minute); "
+                f"retry in {exc.retry_after} s",
+                code="rate_limited",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        ex.limits = limits
+        policy = await gw.load_policy(caller.domain_id)
+        agents = await gw.agents(caller.domain_id)
+        candidates = [a for a in agents if a.serves(ex.model, ollama=ollama)]
+        if not candidates:
+            if not [a for a in agents if a.spec.enabled]:
+                raise GatewayError(503, "this domain has no backends", code="no_backends")
+            what = f"the model {ex.model!r}" if ex.model else "this API"
+            raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
+        try:
+            token = gw.forward_token(caller, ex.model)
+        except AuthError as exc:
+            raise GatewayError(exc.status, exc.message, code=exc.code) from None
+        headers = _upstream_headers(request, token)
+        return await _forward(
+            request,
+            gw,
+            ex,
+            candidates=candidates,
+            policy=policy,
+            target=target,
+            body=body,
+            headers=headers,
+        )
+    except GatewayError as error:
+        return _error(ex, error)
+    except asyncio.CancelledError:
+        ex.status = _STATUS_CLIENT_CLOSED
+        ex.detail = "client disconnected"
+        raise
+    finally:
+        _finish(request, gw, ex)
+
+
+def _domain(request: web.Request) -> str:
+    alias = request.match_info["domain"]
+    if alias in RESERVED_ALIASES:
+        raise web.HTTPNotFound()
+    return alias
+
+
+async def domain_openai(request: web.Request) -> web.StreamResponse:
+    info = request.match_info
+    return await _serve(request, _domain(request), "/v1/", info["tail"], ollama=False)
+
+
+async def domain_ollama(request: web.Request) -> web.StreamResponse:
+    info = request.match_info
+    return await _serve(request, _domain(request), "/api/", info["tail"], ollama=True)
+
+
+async def plain_openai(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, None, "/v1/", request.match_info["tail"], ollama=False)
+
+
+# -- evidence pass-through -------------------------------------------------------------------------
+
+
+async def domain_attestation(request: web.Request) -> web.StreamResponse:
+    """``GET /{domain}/attestation?nonce=HEX[&agent=ID]``: an agent's evidence, unchanged.
+
+    The agent is one that passes the gate (so the fetch goes over its pinned connection); the
+    client verifies the document itself against the nonce it chose, and may name the agent
+    (``X-Cube-Agent`` of an earlier answer) to check the one that served it.
+    """
+    gw = request.app[GATEWAY]
+    alias = _domain(request)
+    ex = Exchange(route="attestation")
+    try:
+        ex.caller = caller = await _authenticate(gw, request, alias)
+        nonces = request.query.getall("nonce", [])
+        if len(nonces) != 1:
+            raise GatewayError(
+                400,
+                "give exactly one 'nonce' query parameter (hex, 32 to 64 bytes)",
+                code="invalid_nonce",
+            )
+        limits = await gw.cache.limits(caller.domain_id)
+        try:
+            gw.limiter.admit(caller, limits)
+        except LimitExceeded as exc:
+            gw.metrics.rate_limited.labels(limit=exc.which).inc()
+            raise GatewayError(
+                429, str(exc), code="rate_limited", headers={"Retry-After": str(exc.retry_after)}
+            ) from None
+        policy = await gw.load_policy(caller.domain_id)
+        agents = [a for a in await gw.agents(caller.domain_id) if a.spec.enabled]
+        wanted = request.query.get("agent")
+        if wanted is not None:
+            agents = [a for a in agents if a.id == wanted]
+            if not agents:
+                raise GatewayError(404, "no such agent in this domain", code="no_backend")
+        if not agents:
+            raise GatewayError(503, "this domain has no backends", code="no_backends")
+        failures: list[AgentFailure] = []
+        for agent in gw.pool.order(agents):
+            try:
+                return await _pass_evidence(gw, ex, agent, policy, nonces[0])
+            except AgentFailure as failure:
+                failures.append(failure)
+        raise _no_agent(failures)
+    except GatewayError as error:
+        return _error(ex, error)
+    except asyncio.CancelledError:
+        ex.status = _STATUS_CLIENT_CLOSED
+        raise
+    finally:
+        _finish(request, gw, ex)
+
+
+async def _pass_evidence(
+    gw: Gateway, ex: Exchange, agent: Agent, policy: LoadedPolicy, nonce: str
+) -> web.Response:
+    target = "/attestation?" + urlencode({"nonce": nonce})
+    changed = False
+    fresh = False
+    while True:
+        trust = await gw.gate.trust(agent, policy)
+        t0 = time.perf_counter()
+        upstream: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(gw.settings.attestation_timeout):
+                upstream = await gw.upstream.request(
+                    agent.base_url,
+                    trust.cert_sha256,
+                    method="GET",
+                    target=target,
+                    headers=[("Accept", "application/json")],
+                    fresh=fresh,
+                )
+                body = await upstream.read()
+        except CertificateMismatch:
+            ex.upstream_wait += time.perf_counter() - t0
+            gw.gate.certificate_changed(agent, trust)
+            if changed:
+                raise AgentFailure(
+                    f"agent {agent.id} keeps presenting a certificate that is not the attested one",
+                    code="certificate_mismatch",
+                    attestation=True,
+                ) from None
+            changed = True
+            continue
+        except StaleConnection:
+            ex.upstream_wait += time.perf_counter() - t0
+            if fresh:
+                raise AgentFailure(
+                    f"agent {agent.id} closed the connection",
+                    code="agent_unreachable",
+                    attestation=False,
+                ) from None
+            fresh = True
+            continue
+        except (UpstreamError, TimeoutError) as exc:
+            ex.upstream_wait += time.perf_counter() - t0
+            agent.mark_down(
+                f"evidence request failed ({type(exc).__name__})", gw.settings.down_seconds
+            )
+            raise AgentFailure(
+                f"agent {agent.id} is unreachable", code="agent_unreachable", attestation=False
+            ) from None
+        finally:
+            if upstream is not None:
+                if upstream.done:
+                    upstream.release()
+                else:
+                    upstream.close()
+        ex.upstream_wait += time.perf_counter() - t0
+        ex.agent, ex.trust, ex.status = agent, trust, upstream.status
+        headers = {
+            hdrs.CONTENT_TYPE: upstream.headers.get(hdrs.CONTENT_TYPE, "application/json"),
+            hdrs.CACHE_CONTROL: "no-store",
+            "X-Cube-Agent": agent.id,
+            PROXY_MS_HEADER: ex.added_ms(),
+        }
+        retry_after = upstream.headers.get("Retry-After")
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        return web.Response(body=body, status=upstream.status, headers=headers)
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def setup(app: web.Application) -> None:
+    """Add the forwarding routes. Register after every fixed route (admin API, JWKS, ops):
+    ``/{domain}/...`` would otherwise shadow a fixed path whose second segment is ``v1``,
+    ``api`` or ``attestation``."""
+    router = app.router
+    router.add_route("*", "/v1/{tail:.*}", plain_openai)
+    router.add_get("/{domain}/attestation", domain_attestation, allow_head=False)
+    router.add_route("*", "/{domain}/v1/{tail:.*}", domain_openai)
+    router.add_route("*", "/{domain}/api/{tail:.*}", domain_ollama)

@@ -1,0 +1,186 @@
+"""Operations: ``/health``, ``/ready``, ``/metrics``, JSON logs, and the outermost middleware.
+
+- ``GET /health``: ``200 {"status": "ok"}`` while the process serves.
+- ``GET /ready``: ``200`` when every readiness check passes (the directory answers; others may
+  be added under :data:`READY_CHECKS`), ``503`` with the failing checks otherwise.
+- ``GET /metrics``: Prometheus text from the gateway's own registry.
+
+The middleware gives every request an id (``X-Request-Id``: the client's if it is a short
+token, else a fresh one), turns anything unhandled into a ``500`` JSON error (the log gets the
+exception type and stack, never its message, which could quote request content), and writes
+one JSON access-log line: method, route template (never the raw path or query), status,
+milliseconds, request id, and the fields a handler added (domain, backend, model). Never
+headers, credentials or bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.gateway.errors import json_error
+from proxy.gateway.metrics import METRICS
+
+__all__ = [
+    "LOG_FIELDS",
+    "READY_CHECKS",
+    "REQUEST_ID",
+    "JsonFormatter",
+    "ReadyCheck",
+    "configure_logging",
+    "observe_middleware",
+    "setup",
+]
+
+log = logging.getLogger("cube.proxy")
+access_log = logging.getLogger("cube.proxy.access")
+
+REQUEST_ID = web.RequestKey("request_id", str)
+#: Extra, credential-free fields a handler wants in the access-log line.
+LOG_FIELDS: web.RequestKey[dict[str, object]] = web.RequestKey("log_fields")
+ReadyCheck = Callable[[web.Application], Awaitable[tuple[bool, str]]]
+READY_CHECKS: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
+ACCESS_LOG = web.AppKey("access_log", bool)
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and the record's ``fields`` extra.
+    Exceptions appear as their type and stack frames only, never their message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                out.setdefault(key, value)
+        if record.exc_info and record.exc_info[0] is not None:
+            exc_type, _, tb = record.exc_info
+            out["exc_type"] = exc_type.__name__
+            out["stack"] = "".join(traceback.format_tb(tb))
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", *, stream: Any = None) -> logging.Handler:
+    """JSON logs to stderr (or ``stream``) for the whole process."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").disabled = True  # it prints raw request lines
+    return handler
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status >= 400 and exc.empty_body is False and exc.content_type != "application/json":
+            # aiohttp's own refusals (404, 405, 413) as JSON errors.
+            response = json_error(exc.status, exc.reason, headers=_plain_headers(exc))
+        else:
+            raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception(
+            "unhandled error",
+            extra={"fields": {"route": _route(request), "request_id": request_id}},
+        )
+        response = json_error(500, "internal error", code="internal_error")
+    finally:
+        if request.app.get(ACCESS_LOG, True):
+            fields: dict[str, object] = {
+                "method": request.method,
+                "route": _route(request),
+                "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 3),
+                "request_id": request_id,
+            }
+            extra = request.get(LOG_FIELDS)
+            if extra:
+                fields.update(extra)
+            access_log.info("request", extra={"fields": fields})
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _plain_headers(exc: web.HTTPException) -> dict[str, str]:
+    keep = ("Allow", "Retry-After")
+    return {k: v for k, v in exc.headers.items() if k in keep}
+
+
+async def health(request: web.Request) -> web.Response:
+    del request
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    checks = request.app[READY_CHECKS]
+    results: dict[str, dict[str, object]] = {}
+    ok_all = True
+    for name, check in checks.items():
+        try:
+            async with asyncio.timeout(5):
+                ok, detail = await check(request.app)
+        except Exception as exc:  # a check that fails is a failing check, not a 500
+            ok, detail = False, f"check failed ({type(exc).__name__})"
+        results[name] = {"ok": ok, "detail": detail}
+        ok_all = ok_all and ok
+    return web.json_response(
+        {"status": "ready" if ok_all else "not ready", "checks": results},
+        status=200 if ok_all else 503,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup(app: web.Application, *, access_log_enabled: bool = True) -> None:
+    """Routes and middleware; call before other modules add routes or middlewares."""
+    app[ACCESS_LOG] = access_log_enabled
+    if READY_CHECKS not in app:
+        app[READY_CHECKS] = {}
+    app.middlewares.append(observe_middleware)
+    app.router.add_get("/health", health, allow_head=False)
+    app.router.add_get("/ready", ready, allow_head=False)
+    app.router.add_get("/metrics", metrics, allow_head=False)

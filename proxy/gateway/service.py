@@ -1,0 +1,254 @@
+"""The gateway's state: directory cache, agents, attestation gate, limits, audit writer, the
+pinned client session to agents, the forwarded-token cache, and the health checker.
+
+One :class:`Gateway` per application, created by :func:`proxy.gateway.setup` and owned by the
+application's ``cleanup_ctx`` (sessions and background tasks start with it and stop with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from attestation.errors import AttestationError
+from proxy.directory import AuditRecord, Caller, Directory, TokenSigner
+from proxy.gateway.agents import Agent, AgentFailure, AgentPool
+from proxy.gateway.attest import AttestationGate, LoadedPolicy, load_policy_bytes
+from proxy.gateway.cache import DirectoryCache
+from proxy.gateway.errors import GatewayError
+from proxy.gateway.metering import AuditWriter
+from proxy.gateway.metrics import GatewayMetrics
+from proxy.gateway.ratelimit import RateLimiter
+from proxy.gateway.settings import GatewaySettings
+from proxy.gateway.upstream import CertificateMismatch, UpstreamError, UpstreamPool
+
+__all__ = ["GATEWAY", "Gateway"]
+
+log = logging.getLogger("cube.proxy.gateway")
+
+_HEALTH_TIMEOUT = 3.0
+
+
+class Gateway:
+    def __init__(
+        self,
+        directory: Directory,
+        settings: GatewaySettings | None = None,
+        *,
+        metrics: GatewayMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.settings = (settings or GatewaySettings()).validate()
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self._clock = clock
+        self.cache = DirectoryCache(
+            directory,
+            ttl=self.settings.directory_cache_seconds,
+            auth_ttl=self.settings.auth_cache_seconds,
+            clock=clock,
+        )
+        self.pool = AgentPool(clock=clock)
+        self.writer = AuditWriter(
+            directory,
+            self.metrics,
+            flush_interval=self.settings.audit_flush_interval,
+            max_queue=self.settings.audit_queue_size,
+        )
+        self.gate = AttestationGate(
+            self.settings, self.metrics, on_failure=self._attestation_failed, clock=clock
+        )
+        self.limiter = RateLimiter(clock=clock)
+        self._policies: dict[bytes, LoadedPolicy] = {}
+        self._tokens: dict[tuple[Caller, str | None], tuple[float, str]] = {}
+        self.upstream = UpstreamPool(
+            connect_timeout=self.settings.agent_connect_timeout,
+            keepalive=self.settings.agent_keepalive,
+        )
+        self._health_task: asyncio.Task[None] | None = None
+        # Read when /metrics is scraped, not counted per request.
+        self.metrics.in_flight.set_function(
+            lambda: float(sum(a.in_flight for a in self.pool.all()))
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.gate.start()
+        self.writer.start()
+        self._health_task = asyncio.get_running_loop().create_task(
+            self._health_loop(), name="agent-health"
+        )
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        for agent in self.pool.all():
+            if agent.verifying is not None:
+                agent.verifying.cancel()
+        await self.writer.close()
+        await self.gate.close()
+        await self.upstream.close()
+
+    async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        del app
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    # -- directory-backed lookups -------------------------------------------------------------
+
+    async def load_policy(self, domain_id: str) -> LoadedPolicy:
+        data = await self.cache.policy(domain_id)
+        if data is None:
+            raise GatewayError(
+                503,
+                "this domain has no attestation policy: nothing can be verified, so nothing is "
+                "forwarded (a domain admin sets one)",
+                code="no_policy",
+            )
+        digest = hashlib.sha256(data).digest()
+        loaded = self._policies.get(digest)
+        if loaded is None:
+            try:
+                loaded = load_policy_bytes(data)
+            except AttestationError as exc:
+                raise GatewayError(
+                    503, f"this domain's attestation policy is invalid: {exc}", code="bad_policy"
+                ) from None
+            if len(self._policies) > 1000:
+                self._policies.clear()
+            self._policies[digest] = loaded
+        return loaded
+
+    async def agents(self, domain_id: str) -> list[Agent]:
+        return self.pool.agents(domain_id, await self.cache.backends(domain_id))
+
+    def signer(self) -> TokenSigner:
+        return self.directory.issuer()
+
+    def forward_token(self, caller: Caller, model: str | None) -> str:
+        """The JWT forwarded to the agent for ``caller`` (and ``model``), reused for a while."""
+        key = (caller, model)
+        now = self._clock()
+        cached = self._tokens.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        token = self.signer().sign_forward(
+            caller,
+            models=(model,) if model is not None else None,
+            ttl_seconds=self.settings.forward_token_ttl,
+        )
+        if len(self._tokens) > 10_000:
+            self._tokens = {k: v for k, v in self._tokens.items() if v[0] > now}
+        self._tokens[key] = (now + self.settings.forward_token_reuse, token)
+        return token
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _attestation_failed(self, agent: Agent, failure: AgentFailure) -> None:
+        self.writer.audit(
+            AuditRecord(
+                domain_id=agent.domain_id,
+                user_id=None,
+                route="attestation",
+                status=503,
+                when=datetime.now(UTC),
+                backend_id=agent.id,
+                event="attestation_failed",
+                detail=failure.message[:1000],
+                extra={"code": failure.code},
+            )
+        )
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def check_agent(self, agent: Agent) -> None:
+        """One health check: a verified agent's /health over its pinned connection; an agent
+        refused earlier is re-verified once its retry time has come; evidence about to
+        expire is refreshed."""
+        now = self._clock()
+        trust = agent.trust
+        if trust is None or now >= trust.expires_at:
+            if agent.failure is not None and now >= agent.retry_at and agent.verifying is None:
+                await self._reverify(agent)
+            return
+        if now >= trust.refresh_at and agent.verifying is None:
+            await self._reverify(agent)
+            return
+        response = None
+        try:
+            async with asyncio.timeout(_HEALTH_TIMEOUT):
+                response = await self.upstream.request(
+                    agent.base_url, trust.cert_sha256, method="GET", target="/health"
+                )
+                await response.read()
+                healthy = response.status == 200
+        except CertificateMismatch:
+            self.gate.certificate_changed(agent, trust)
+            await self._reverify(agent)
+            return
+        except (UpstreamError, TimeoutError) as exc:
+            agent.mark_down(
+                f"health check failed ({type(exc).__name__})", self.settings.down_seconds
+            )
+            self.metrics.agent_errors.labels(kind="health").inc()
+            return
+        finally:
+            if response is not None:
+                if response.done:
+                    response.release()
+                else:
+                    response.close()
+        if healthy:
+            agent.mark_up()
+        else:
+            agent.mark_down("health check answered an error", self.settings.down_seconds)
+
+    async def _reverify(self, agent: Agent) -> None:
+        try:
+            policy = await self.load_policy(agent.domain_id)
+            agent.retry_at = 0.0  # due: let the gate try again
+            await self.gate.trust(agent, policy)
+        except (AgentFailure, GatewayError):
+            pass  # recorded on the agent (and audited) by the gate
+        except Exception:
+            log.exception(
+                "health re-verification failed", extra={"fields": {"backend_id": agent.id}}
+            )
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            self.upstream.prune()
+            agents = self.pool.all()
+            now = self._clock()
+            states: dict[str, int] = {"verified": 0, "unverified": 0, "down": 0, "refused": 0}
+            for agent in agents:
+                states[agent.state(now)] += 1
+            for state, count in states.items():
+                self.metrics.agents.labels(state=state).set(count)
+            if agents:
+                results = await asyncio.gather(
+                    *(self.check_agent(a) for a in agents), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, Exception):
+                        log.error(
+                            "health check error", extra={"fields": {"error": type(result).__name__}}
+                        )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

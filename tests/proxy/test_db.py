@@ -1,0 +1,288 @@
+"""The data layer: one code path over SQLite and PostgreSQL, migrations, transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from proxy.db import LATEST, Database, DatabaseError, current_version, database_url, migrate, schema
+from proxy.db import migrations as migrations_module
+from tests.proxy.conftest import run
+
+
+async def _open(url: str) -> Database:
+    db = Database.open(url)
+    await migrate(db)
+    return db
+
+
+def test_database_url_forms(tmp_path: Path) -> None:
+    url = database_url(str(tmp_path / "x.db"))
+    assert url.drivername == "sqlite+aiosqlite"
+    assert url.database == str((tmp_path / "x.db").resolve())
+    assert database_url("sqlite:////var/lib/cube/p.db").drivername == "sqlite+aiosqlite"
+    pg = database_url("postgresql://u:secret-pw@db.example:5433/cube")
+    assert pg.drivername == "postgresql+asyncpg"
+    assert pg.port == 5433 and pg.database == "cube"
+    assert database_url("postgres://u@h/d").drivername == "postgresql+asyncpg"
+    for bad in ("", "mysql://u@h/d", "sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(DatabaseError):
+            database_url(bad)
+
+
+def test_described_location_hides_the_password() -> None:
+    db = Database.open("postgresql://cube:hunter2-secret@127.0.0.1:1/x")
+    try:
+        assert "hunter2-secret" not in db.describe()
+        assert "***" in db.describe()
+    finally:
+        run(db.close())
+
+
+def test_migrations_create_the_schema_once(database: str) -> None:
+    async def body() -> None:
+        db = Database.open(database)
+        try:
+            async with db.read() as conn:
+                assert await current_version(conn) == 0
+            assert await migrate(db) == list(range(1, LATEST + 1))
+            assert await migrate(db) == []  # idempotent
+            async with db.read() as conn:
+                assert await current_version(conn) == LATEST
+                rows = (await conn.execute(sa.select(schema.schema_version))).all()
+            assert [r.version for r in rows] == list(range(1, LATEST + 1))
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_migrated_schema_matches_the_table_definitions(database: str) -> None:
+    """A fresh migrated database has every table and column that proxy.db.schema declares."""
+
+    async def body() -> None:
+        db = await _open(database)
+        try:
+            async with db.read() as conn:
+
+                def inspect(c: sa.Connection) -> dict[str, set[str]]:
+                    insp = sa.inspect(c)
+                    return {
+                        t: {col["name"] for col in insp.get_columns(t)}
+                        for t in insp.get_table_names()
+                    }
+
+                found = await conn.run_sync(inspect)
+        finally:
+            await db.close()
+        expected = {t.name: {c.name for c in t.columns} for t in schema.metadata.sorted_tables}
+        assert found == expected
+
+    run(body())
+
+
+def test_concurrent_starts_migrate_once(database: str) -> None:
+    """Replicas starting together: one applies the migrations, the others find them done."""
+
+    async def body() -> None:
+        dbs = [Database.open(database) for _ in range(4)]
+        try:
+            results = await asyncio.gather(*(migrate(db) for db in dbs))
+        finally:
+            for db in dbs:
+                await db.close()
+        assert sorted(results, key=len) == [[], [], [], list(range(1, LATEST + 1))]
+
+    run(body())
+
+
+def test_a_failing_migration_leaves_nothing_behind(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(conn: sa.Connection) -> None:
+        conn.execute(sa.text("CREATE TABLE half_done (x INTEGER)"))
+        conn.execute(sa.text("INSERT INTO half_done VALUES (1)"))
+        raise RuntimeError("migration failed half way")
+
+    async def body() -> None:
+        db = Database.open(database)
+        try:
+            await migrate(db)
+            monkeypatch.setattr(
+                migrations_module,
+                "MIGRATIONS",
+                (*migrations_module.MIGRATIONS, (LATEST + 1, "broken", broken)),
+            )
+            monkeypatch.setattr(migrations_module, "LATEST", LATEST + 1)
+            with pytest.raises(RuntimeError, match="half way"):
+                await migrations_module.migrate(db)
+            async with db.read() as conn:
+                assert await current_version(conn) == LATEST
+                tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "half_done" not in tables
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_a_newer_database_is_refused(database: str) -> None:
+    async def body() -> None:
+        db = await _open(database)
+        try:
+            async with db.write() as conn:
+                await conn.execute(
+                    sa.insert(schema.schema_version).values(version=LATEST + 5, applied_at=0.0)
+                )
+            with pytest.raises(DatabaseError, match="newer"):
+                await migrate(db)
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_write_rolls_back_on_error(database: str) -> None:
+    async def body() -> None:
+        db = await _open(database)
+        now = time.time()
+        try:
+            with pytest.raises(ZeroDivisionError):
+                async with db.write() as conn:
+                    await conn.execute(
+                        sa.insert(schema.users).values(
+                            id="u" * 32, email="a@b.test", created_at=now, updated_at=now
+                        )
+                    )
+                    _ = 1 / 0
+            async with db.read() as conn:
+                count = (
+                    await conn.execute(sa.select(sa.func.count()).select_from(schema.users))
+                ).scalar()
+            assert count == 0
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_concurrent_writers_all_commit(database: str) -> None:
+    """Many concurrent read-then-write transactions: none fails with a lock error, none is
+    lost (SQLite: BEGIN IMMEDIATE + serialized writers; PostgreSQL: row locks)."""
+
+    async def body() -> None:
+        db = await _open(database)
+        now = time.time()
+        try:
+            async with db.write() as conn:
+                await conn.execute(
+                    sa.insert(schema.domains).values(
+                        id="d" * 32, alias="counter", name="0", created_at=now, updated_at=now
+                    )
+                )
+
+            async def increment() -> None:
+                async with db.write() as conn:
+                    value = (
+                        await conn.execute(
+                            sa.select(schema.domains.c.name)
+                            .where(schema.domains.c.id == "d" * 32)
+                            .with_for_update()
+                        )
+                    ).scalar()
+                    await conn.execute(
+                        sa.update(schema.domains)
+                        .where(schema.domains.c.id == "d" * 32)
+                        .values(name=str(int(str(value)) + 1))
+                    )
+
+            await asyncio.gather(*(increment() for _ in range(60)))
+            async with db.read() as conn:
+                final = (
+                    await conn.execute(
+                        sa.select(schema.domains.c.name).where(schema.domains.c.id == "d" * 32)
+                    )
+                ).scalar()
+            assert final == "60"
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_foreign_keys_cascade(database: str) -> None:
+    """Deleting a user removes its sessions and memberships on both databases (SQLite needs
+    foreign_keys=ON on every connection for this)."""
+
+    async def body() -> None:
+        db = await _open(database)
+        now = time.time()
+        try:
+            async with db.write() as conn:
+                await conn.execute(
+                    sa.insert(schema.users).values(
+                        id="u" * 32, email="a@b.test", created_at=now, updated_at=now
+                    )
+                )
+                await conn.execute(
+                    sa.insert(schema.sessions).values(
+                        id="s" * 32, user_id="u" * 32, created_at=now, expires_at=now + 60
+                    )
+                )
+            async with db.write() as conn:
+                await conn.execute(sa.delete(schema.users).where(schema.users.c.id == "u" * 32))
+            async with db.read() as conn:
+                left = (
+                    await conn.execute(sa.select(sa.func.count()).select_from(schema.sessions))
+                ).scalar()
+            assert left == 0
+            with pytest.raises(sa.exc.IntegrityError):
+                async with db.write() as conn:
+                    await conn.execute(
+                        sa.insert(schema.sessions).values(
+                            id="t" * 32, user_id="nobody", created_at=now, expires_at=now
+                        )
+                    )
+        finally:
+            await db.close()
+
+    run(body())
+
+
+def test_sqlite_is_durable_on_every_connection(tmp_path: Path) -> None:
+    """WAL and synchronous=FULL on every pooled connection: a commit is on disk."""
+
+    async def body() -> None:
+        db = await _open(str(tmp_path / "p.db"))
+        try:
+
+            async def pragmas() -> tuple[str, int, int]:
+                async with db.read() as conn:
+                    mode = (await conn.execute(sa.text("PRAGMA journal_mode"))).scalar()
+                    sync = (await conn.execute(sa.text("PRAGMA synchronous"))).scalar()
+                    fks = (await conn.execute(sa.text("PRAGMA foreign_keys"))).scalar()
+                    await asyncio.sleep(0.05)  # hold the connection so others are opened
+                return str(mode), int(sync or 0), int(fks or 0)
+
+            results = await asyncio.gather(*(pragmas() for _ in range(6)))
+        finally:
+            await db.close()
+        assert set(results) == {("wal", 2, 1)}  # 2 = FULL
+        assert (tmp_path / "p.db-wal").exists() or (tmp_path / "p.db").exists()
+
+    run(body())
+
+
+def test_sqlite_file_is_created_with_its_directory(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "proxy.db"
+    run(_close_after_migrate(str(path)))
+    assert path.exists()
+
+
+async def _close_after_migrate(url: str) -> None:
+    db = await _open(url)
+    await db.close()

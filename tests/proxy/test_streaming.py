@@ -1,0 +1,233 @@
+# ruff: noqa: F811 - fixtures imported from tests.proxy.harness are test parameters
+"""Streams through the proxy: chunk by chunk as the backend produces them, no write timeout,
+the client's disconnect stopping the backend, usage counted from streamed records, Ollama's
+NDJSON, and unit tests of the usage scanner."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.gateway.metering import UsageScanner
+from tests.agent.backends import (
+    OLLAMA_FINAL_STATS,
+    OLLAMA_TOKENS,
+    FakeOpenAI,
+    Gate,
+    OllamaStandIn,
+    serving,
+)
+from tests.proxy.fakes import FakeDirectory
+from tests.proxy.harness import (  # noqa: F401 - fixtures
+    Agents,
+    ProxyFactory,
+    ProxyServer,
+    agents,
+    directory,
+    fake_openai,
+    one_domain,
+    proxy,
+)
+
+
+def open_stream(
+    server: ProxyServer, path: str, token: str, payload: dict[str, object]
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(
+        "POST",
+        path,
+        body=json.dumps(payload).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    return conn, conn.getresponse()
+
+
+def sse_events(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    buffer = b""
+    while True:
+        chunk = response.read1(65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            yield event
+
+
+CHAT = {"model": "cube-tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def test_stream_arrives_chunk_by_chunk(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.gate = Gate()
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
+    try:
+        assert response.status == 200
+        assert response.getheader("Content-Type", "").startswith("text/event-stream")
+        assert response.getheader("X-Cube-Proxy-Ms") is not None
+        events = sse_events(response)
+        first = next(events)  # arrives while the backend is still holding the rest
+        assert b'"role": "assistant"' in first or b'"role":"assistant"' in first
+        assert not fake_openai.last_sent.is_set()
+        fake_openai.gate.open()
+        rest = list(events)
+        assert rest[-1] == b"data: [DONE]"
+        text = "".join(
+            json.loads(e[6:])["choices"][0]["delta"].get("content", "")
+            for e in rest[:-1]
+            if json.loads(e[6:])["choices"]
+        )
+        assert text == "Hello, world!"
+    finally:
+        conn.close()
+
+
+def test_client_disconnect_stops_the_backend(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.gate = Gate()  # never opened: the generation would go on forever
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
+    next(sse_events(response))
+    assert fake_openai.stream_started.is_set()
+    conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    conn.close()
+    assert fake_openai.cancelled.wait(10), "the backend was not told to stop"
+    server.flush()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [r for r in directory.audits if r.status == 499]:
+        time.sleep(0.05)
+        server.flush()
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert row.status == 499 and row.detail == "client disconnected"
+
+
+def test_long_streams_are_not_cut(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.tokens = [f" t{i}" for i in range(8)]
+    fake_openai.delay = 0.4  # over three seconds of generation, with pauses
+    started = time.monotonic()
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
+    try:
+        events = list(sse_events(response))
+    finally:
+        conn.close()
+    assert time.monotonic() - started > 3
+    assert events[-1] == b"data: [DONE]"
+    assert sum(1 for e in events if b" t" in e) == 8
+
+
+def test_usage_is_read_from_the_stream_without_changing_the_request(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    with_usage = {**CHAT, "stream_options": {"include_usage": True}}
+    for payload in (with_usage, CHAT):
+        conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, payload)
+        list(sse_events(response))
+        conn.close()
+    sent = [r.json() for r in fake_openai.requests_to("/v1/chat/completions")]
+    assert sent == [with_usage, CHAT]  # the proxy never asks for usage itself
+    server.flush()
+    rows = [r for r in directory.audits if r.event == "request"]
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(11, 4), (None, None)]
+    assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [(11, 4)]
+
+
+@pytest.fixture
+def ollama() -> Iterator[OllamaStandIn]:
+    server = OllamaStandIn()
+    with serving(server):
+        yield server
+
+
+def test_ollama_native_api_streams_ndjson(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    ollama: OllamaStandIn,
+    tmp_path: Path,
+) -> None:
+    dom = one_domain(
+        directory, agents, backend="ollama", backend_url=ollama.url, model_name="llama3.2"
+    )
+    spec = directory.backend_specs[directory.domains[dom.alias]][0]
+    directory.backend_specs[directory.domains[dom.alias]] = [
+        spec.__class__(**{**spec.__dict__, "kind": "ollama", "models": ()})
+    ]
+    server = proxy()
+    conn, response = open_stream(
+        server,
+        f"/{dom.alias}/api/chat",
+        dom.member_token,
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "why is the sky blue?"}]},
+    )
+    try:
+        assert response.status == 200
+        assert response.getheader("Content-Type", "").startswith("application/x-ndjson")
+        lines = response.read().splitlines()
+    finally:
+        conn.close()
+    objects = [json.loads(line) for line in lines]
+    assert "".join(o["message"]["content"] for o in objects) == "".join(OLLAMA_TOKENS)
+    assert objects[-1]["done"] is True
+    tags = server.get(f"/{dom.alias}/api/tags", token=dom.member_token)
+    assert tags.status == 200 and tags.json()["models"]
+    server.flush()
+    rows = [r for r in directory.audits if r.route == "/api/chat"]
+    assert (rows[0].prompt_tokens, rows[0].completion_tokens) == (
+        OLLAMA_FINAL_STATS["prompt_eval_count"],
+        OLLAMA_FINAL_STATS["eval_count"],
+    )
+    # An OpenAI-kind backend is never asked the Ollama API.
+    directory.backend_specs[directory.domains[dom.alias]] = [spec]
+    assert server.get(f"/{dom.alias}/api/tags", token=dom.member_token).status == 404
+
+
+# -- the usage scanner -----------------------------------------------------------------------
+
+
+def test_usage_scanner_whole_bodies() -> None:
+    body = b'{"choices":[{"message":{"content":"the \\"usage\\": {\\"prompt_tokens\\": 99}"}}],'
+    body += b' "usage": {"prompt_tokens": 7, "completion_tokens": 3, "prompt_tokens_details":'
+    body += b' {"cached_tokens": 1}}}'
+    usage = UsageScanner().whole(body)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 3)
+    assert not UsageScanner().whole(b'{"usage": null}').known
+    assert not UsageScanner().whole(b'{"usage": {"prompt_tokens": "7"}}').known
+    ollama = UsageScanner().whole(b'{"done":true,"prompt_eval_count":26,"eval_count":9}')
+    assert (ollama.prompt_tokens, ollama.completion_tokens) == (26, 9)
+
+
+def test_usage_scanner_streams_split_anywhere() -> None:
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":4}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for cut in range(1, len(stream)):
+        scanner = UsageScanner()
+        scanner.feed(stream[:cut])
+        scanner.feed(stream[cut:])
+        usage = scanner.finish()
+        assert (usage.prompt_tokens, usage.completion_tokens) == (11, 4), cut
+    # Cumulative usage repeated per chunk (vLLM's continuous usage): the last one counts.
+    scanner = UsageScanner()
+    for n in range(1, 5):
+        scanner.feed(b'data: {"usage":{"prompt_tokens":5,"completion_tokens":%d}}\n\n' % n)
+    assert scanner.finish().completion_tokens == 4
