@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -221,6 +221,22 @@ class AuditWriter:
                 sums = usage.setdefault((item.domain_id, item.user_id, item.model), [0, 0])
                 sums[0] += item.prompt_tokens
                 sums[1] += item.completion_tokens
+        # A directory may take a whole batch at once (one transaction); else row by row, all
+        # at once, so that a group-committing directory still commits them together.
+        many: Callable[[list[AuditRecord]], Awaitable[None]] | None = getattr(
+            self.directory, "record_audits", None
+        )
+        if many is not None and rows:
+            try:
+                await many(rows)
+                self.written += len(rows)
+            except Exception as exc:
+                self.metrics.audit_dropped.inc(len(rows))
+                log.error(  # noqa: TRY400 - the type only: a message could quote a row
+                    "writing audit rows failed",
+                    extra={"fields": {"rows": len(rows), "error": type(exc).__name__}},
+                )
+            rows = []
         writes: list[Awaitable[None]] = [self.directory.record_audit(row) for row in rows]
         writes += [
             self.directory.record_usage(

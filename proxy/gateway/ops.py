@@ -82,6 +82,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "info", *, stream: Any = None) -> logging.Handler:
     """JSON logs to stderr (or ``stream``) for the whole process."""
+    # The access log writes a line per request: skip what a record would otherwise compute
+    # and nobody reads (the caller's source line walks the stack; thread and process names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

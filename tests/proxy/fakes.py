@@ -52,8 +52,9 @@ class FakeSigner:
         *,
         models: tuple[str, ...] | None = None,
         endpoints: tuple[str, ...] | None = None,
-        ttl_seconds: int = 60,
+        ttl_seconds: int | None = None,
     ) -> str:
+        ttl_seconds = 60 if ttl_seconds is None else ttl_seconds
         allowed: set[str] | None = None
         if caller.models is not None:
             allowed = set(caller.models)

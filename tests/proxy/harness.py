@@ -15,7 +15,7 @@ import threading
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 from aiohttp import web
@@ -222,8 +222,10 @@ def proxy(directory: FakeDirectory) -> Iterator[ProxyFactory]:
         server.stop()
 
 
-class ProxyFactory:  # typing only: what the ``proxy`` fixture yields
-    def __call__(self, settings: GatewaySettings = TEST_SETTINGS) -> ProxyServer: ...
+class ProxyFactory(Protocol):
+    """What the ``proxy`` fixture yields: start the proxy over the test's directory."""
+
+    def __call__(self, settings: GatewaySettings = ...) -> ProxyServer: ...
 
 
 @dataclass

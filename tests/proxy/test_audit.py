@@ -134,3 +134,26 @@ def test_a_failing_directory_is_counted_not_fatal() -> None:
     writer = asyncio.run(main())
     assert metrics.audit_dropped._value.get() == 2 + 3 + 1
     assert writer.written == 0
+
+
+def test_a_directory_taking_batches_gets_whole_batches() -> None:
+    class Batching(FakeDirectory):
+        batches: list[int]
+
+        async def record_audits(self, rows: list[AuditRecord]) -> None:
+            self.batches.append(len(rows))
+            self.audits.extend(rows)
+
+    directory = Batching()
+    directory.batches = []
+
+    async def main() -> None:
+        writer = AuditWriter(directory, GatewayMetrics(), flush_interval=0.05)
+        writer.start()
+        for n in range(30):
+            writer.audit(_row(n))
+        await writer.close()
+
+    asyncio.run(main())
+    assert directory.batches == [30]
+    assert len(directory.audits) == 30
