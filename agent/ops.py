@@ -17,22 +17,18 @@ type and the stack frames, never the exception's message (it could quote request
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-import sys
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.config import AgentConfig
 from agent.metrics import METRICS
+from cube._logging import JsonFormatter, configure_logging
 
 __all__ = [
     "READY_CHECKS",
@@ -75,44 +71,6 @@ def json_error(
 
 
 # -- logging ---------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, and the record's ``fields`` extra.
-
-    Exceptions are rendered as their type and stack frames only: an exception's message can
-    quote request content, which must never reach the logs."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                out.setdefault(key, value)
-        if record.exc_info and record.exc_info[0] is not None:
-            exc_type, _, tb = record.exc_info
-            out["exc_type"] = exc_type.__name__
-            out["stack"] = "".join(traceback.format_tb(tb))
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-def configure_logging(level: str = "info", *, stream: Any = None) -> logging.Handler:
-    """JSON logs to stderr (or ``stream``) for the whole process."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    # aiohttp's own access log would print raw request lines (query strings included).
-    logging.getLogger("aiohttp.access").disabled = True
-    return handler
 
 
 # -- middlewares -----------------------------------------------------------------------------

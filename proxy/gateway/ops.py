@@ -16,20 +16,16 @@ headers, credentials or bodies.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-import sys
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cube._logging import JsonFormatter, configure_logging
 from proxy.gateway.errors import json_error
 from proxy.gateway.metrics import METRICS
 
@@ -56,47 +52,6 @@ ACCESS_LOG = web.AppKey("access_log", bool)
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg and the record's ``fields`` extra.
-    Exceptions appear as their type and stack frames only, never their message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                out.setdefault(key, value)
-        if record.exc_info and record.exc_info[0] is not None:
-            exc_type, _, tb = record.exc_info
-            out["exc_type"] = exc_type.__name__
-            out["stack"] = "".join(traceback.format_tb(tb))
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-def configure_logging(level: str = "info", *, stream: Any = None) -> logging.Handler:
-    """JSON logs to stderr (or ``stream``) for the whole process."""
-    # The access log writes a line per request: skip what a record would otherwise compute
-    # and nobody reads (the caller's source line walks the stack; thread and process names).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").disabled = True  # it prints raw request lines
-    return handler
 
 
 def _route(request: web.Request) -> str:
