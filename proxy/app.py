@@ -121,12 +121,18 @@ class AppDirectory:
     async def record_audit(self, row: AuditRecord) -> None:
         await self.identity.record_audit(row)
 
+    async def record_audits(self, rows: list[AuditRecord]) -> None:
+        await self.identity.record_audits(rows)
+
     def issuer(self) -> TokenSigner:
         return self.identity.issuer()
 
 
 def identity_config(
-    config: ProxyConfig, environ: Mapping[str, str] | None = None
+    config: ProxyConfig,
+    environ: Mapping[str, str] | None = None,
+    *,
+    shared_cache_file: str | None = None,
 ) -> IdentityConfig:
     """The identity layer's settings from the proxy's (secrets from the environment)."""
     from pathlib import Path
@@ -153,6 +159,7 @@ def identity_config(
         auth_cache_seconds=config.identity_cache_seconds,
         admin_email=config.admin_email,
         oidc=oidc,
+        shared_cache_file=shared_cache_file,
     ).with_env(environ)
 
 
@@ -161,18 +168,24 @@ def build_app(
     *,
     environ: Mapping[str, str] | None = None,
     hashing: PasswordHashing | None = None,
+    shared_cache_file: str | None = None,
+    limit_share: int = 1,
 ) -> web.Application:
     """The production application: the identity layer over ``config.database`` (opened and
-    migrated at start-up), its admin API, and the gateway."""
+    migrated at start-up), its admin API, and the gateway. ``shared_cache_file`` and
+    ``limit_share`` are set for a worker of ``cube-proxy --workers N``."""
+    from dataclasses import replace
+
     from proxy import admin_api
     from proxy.identity import identity_ctx
 
-    settings = config.gateway_settings().validate()
+    settings = replace(config.gateway_settings(), limit_share=limit_share).validate()
     app = web.Application(client_max_size=settings.max_body_bytes)
     gateway.setup_ops(app, access_log=settings.access_log)
     # The identity layer's cleanup_ctx runs before the gateway's (which uses it) and closes
     # after it.
-    app.cleanup_ctx.append(identity_ctx(identity_config(config, environ), hashing=hashing))
+    identity = identity_config(config, environ, shared_cache_file=shared_cache_file)
+    app.cleanup_ctx.append(identity_ctx(identity, hashing=hashing))
     admin_api.setup(app)
     gateway.setup(app, AppDirectory(app), settings)
     return app

@@ -12,6 +12,7 @@ reads them. A database URL may hold a password: prefer ``CUBE_PROXY_DATABASE`` t
 from __future__ import annotations
 
 import json
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -54,6 +55,9 @@ class ProxyConfig:
     log_level: str = "info"
     #: "auto" (uvloop when installed), "uvloop" or "asyncio".
     event_loop: str = "auto"
+    #: Worker processes serving the port together (SO_REUSEPORT); 0 = one per available CPU.
+    #: Rate limits are then enforced per worker on its share of each limit (docs/proxy.md).
+    workers: int = 0
     # -- identity and storage --------------------------------------------------------------------
     database: str = "sqlite:///cube-proxy.db"
     #: ``iss`` of every token the proxy signs (agents are configured with it); default: the
@@ -85,6 +89,7 @@ class ProxyConfig:
     agent_keepalive: float = GatewaySettings.agent_keepalive
     audit_flush_interval: float = GatewaySettings.audit_flush_interval
     audit_queue_size: int = GatewaySettings.audit_queue_size
+    durable_audit: bool = GatewaySettings.durable_audit
     max_evidence_bytes: int = GatewaySettings.max_evidence_bytes
     access_log: bool = GatewaySettings.access_log
 
@@ -100,8 +105,17 @@ class ProxyConfig:
         host = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{host}:{self.port}"
 
+    @property
+    def effective_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+
     def gateway_settings(self) -> GatewaySettings:
-        names = {f.name for f in fields(GatewaySettings)}
+        names = {f.name for f in fields(GatewaySettings)} & {f.name for f in fields(self)}
         return GatewaySettings(**{n: getattr(self, n) for n in names})
 
     def validate(self) -> ProxyConfig:
@@ -109,6 +123,8 @@ class ProxyConfig:
             raise ConfigError(f"port {self.port} is out of range")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give both tls_cert and tls_key, or neither")
+        if not 0 <= self.workers <= 256:
+            raise ConfigError("workers must be between 0 (one per CPU) and 256")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError("event_loop must be auto, uvloop or asyncio")
         if self.log_level.lower() not in _LOG_LEVELS:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "ACTIONS",
+    "RESERVED_ALIASES",
     "ROLES",
     "ROLE_ACTIONS",
     "AuditRecord",
@@ -27,6 +28,27 @@ __all__ = [
     "TokenKind",
     "TokenSigner",
 ]
+
+#: First path segments the proxy's own routes use: never a domain alias. The identity layer
+#: refuses them when a domain is created (aliases cannot be renamed), and the gateway never
+#: reads them as one.
+RESERVED_ALIASES: frozenset[str] = frozenset(
+    {
+        "v1",
+        "api",
+        "admin",
+        "auth",
+        "health",
+        "ready",
+        "metrics",
+        ".well-known",
+        "well-known",
+        "attestation",
+        "static",
+        "docs",
+        "openapi",
+    }
+)
 
 #: Every action a caller may hold in a domain.
 ACTIONS: frozenset[str] = frozenset(

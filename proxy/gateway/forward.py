@@ -34,11 +34,11 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from proxy.directory import AuditRecord, AuthError, Caller, DomainLimits
+from proxy.directory import RESERVED_ALIASES, AuditRecord, AuthError, Caller, DomainLimits
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.attest import LoadedPolicy
 from proxy.gateway.errors import GatewayError
-from proxy.gateway.metering import Usage, UsageScanner
+from proxy.gateway.metering import USAGE_HEADER, Usage, UsageScanner, parse_usage_header
 from proxy.gateway.metrics import observe_request
 from proxy.gateway.ops import LOG_FIELDS, REQUEST_ID
 from proxy.gateway.ratelimit import LimitExceeded
@@ -51,16 +51,11 @@ from proxy.gateway.upstream import (
     UpstreamResponse,
 )
 
-__all__ = ["PROXY_MS_HEADER", "RESERVED_ALIASES", "setup"]
+__all__ = ["E2E_CONTENT_TYPE", "E2E_MODEL_HEADER", "PROXY_MS_HEADER", "RESERVED_ALIASES", "setup"]
 
 log = logging.getLogger("cube.proxy.forward")
 
 PROXY_MS_HEADER: Final = "X-Cube-Proxy-Ms"
-#: First path segments never taken for a domain alias (the directory should refuse them as
-#: aliases too): the proxy's own fixed routes live there.
-RESERVED_ALIASES: Final = frozenset(
-    {"v1", "api", "admin", "auth", "health", "ready", "metrics", ".well-known", "attestation"}
-)
 _STATUS_CLIENT_CLOSED: Final = 499
 _PARSE_OFF_LOOP: Final = 1024 * 1024
 _MAX_ROUTE: Final = 200
@@ -98,8 +93,20 @@ _NOT_FORWARDED: Final = _HOP_BY_HOP | frozenset(
     }
 )
 _NOT_FORWARDED_PREFIXES: Final = ("proxy-", "x-forwarded-", "x-cube-", "cf-", "x-amzn-")
-_RESPONSE_HEADERS: Final = ("Content-Type", "Retry-After", "Cache-Control", "Content-Encoding")
+_RESPONSE_HEADERS: Final = (
+    "Content-Type",
+    "Retry-After",
+    "Cache-Control",
+    "Content-Encoding",
+    USAGE_HEADER,
+)
 _STREAM_TYPES: Final = ("text/event-stream", "application/x-ndjson")
+#: End-to-end encrypted bodies (docs/e2e-encryption.md): opaque to the proxy, forwarded byte
+#: for byte; the model travels in a header as routing metadata.
+E2E_CONTENT_TYPE: Final = "application/cube-e2e"
+E2E_MODEL_HEADER: Final = "Cube-E2E-Model"
+E2E_AGENT_HEADER: Final = "Cube-E2E-Agent"
+_MAX_MODEL_NAME: Final = 200
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Exchange:
     detail: str | None = None
     limits: DomainLimits | None = None
     added: str | None = None
+    finished: bool = False
 
     def added_ms(self) -> str:
         """The proxy's own time so far (frozen once the response headers are written)."""
@@ -184,8 +192,41 @@ def _model_of(data: object, ollama: bool) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+def _is_e2e(request: web.Request) -> bool:
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    return content_type.split(";", 1)[0].strip().lower() == E2E_CONTENT_TYPE
+
+
+def _header_model(request: web.Request, *, required: bool) -> str | None:
+    """The model named by ``Cube-E2E-Model`` (routing metadata of an encrypted request)."""
+    value = request.headers.get(E2E_MODEL_HEADER)
+    if value is None or not value.strip():
+        if required:
+            raise GatewayError(
+                400,
+                f"an end-to-end encrypted request must name its model in {E2E_MODEL_HEADER}",
+                code="missing_model",
+            )
+        return None
+    value = value.strip()
+    if len(value) > _MAX_MODEL_NAME or not value.isprintable():
+        raise GatewayError(400, f"invalid {E2E_MODEL_HEADER} header", code="invalid_model")
+    return value
+
+
+async def _request_model(request: web.Request, body: bytes, ollama: bool) -> str | None:
+    """The model a request is for: from its JSON body, or (an encrypted body, or one that is
+    not JSON) from the ``Cube-E2E-Model`` header."""
+    if _is_e2e(request):
+        return _header_model(request, required=True)  # the body is never parsed
+    model = await _read_model(body, ollama)
+    if model is None:
+        return _header_model(request, required=False)
+    return model
+
+
 async def _read_model(body: bytes, ollama: bool) -> str | None:
-    if not body:
+    if not body or body[:1] not in b"{[ \t\r\n":
         return None
     try:
         if len(body) > _PARSE_OFF_LOOP:
@@ -330,8 +371,10 @@ async def _open(
 
 async def _relay(
     request: web.Request,
+    gw: Gateway,
     ex: Exchange,
     upstream: UpstreamResponse,
+    *,
     agent: Agent,
     trust: Trust,
 ) -> web.StreamResponse:
@@ -350,7 +393,11 @@ async def _relay(
             ) from None
         ex.upstream_wait += time.perf_counter() - t0
         if upstream.status < 300:
-            ex.usage = scanner.whole(body)
+            header = upstream.headers.get(USAGE_HEADER)
+            if header is not None:
+                ex.usage = parse_usage_header(header)
+            elif not content_type.startswith(E2E_CONTENT_TYPE):
+                ex.usage = scanner.whole(body)
         headers[PROXY_MS_HEADER] = ex.added_ms()
         return web.Response(body=body, status=upstream.status, headers=headers)
 
@@ -378,6 +425,16 @@ async def _relay(
             request.transport.abort()
         return response
     ex.usage = scanner.finish()
+    if gw.settings.durable_audit:
+        # The stream's clean end is withheld until its audit row is committed.
+        waiter = _finish(request, gw, ex)
+        if waiter is not None:
+            try:
+                await waiter
+            except Exception:
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
     try:
         await response.write_eof()
     except ConnectionError:
@@ -419,7 +476,7 @@ async def _forward(
                 continue
             ex.agent, ex.trust = agent, trust
             agent.last_used = time.monotonic()
-            return await _relay(request, ex, upstream, agent, trust)
+            return await _relay(request, gw, ex, upstream, agent=agent, trust=trust)
         finally:
             agent.in_flight -= 1
             if upstream is not None:
@@ -430,8 +487,12 @@ async def _forward(
     raise _no_agent(failures)
 
 
-def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> None:
-    """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits)."""
+def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> asyncio.Future[None] | None:
+    """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits).
+    With ``durable_audit``, the future that is done once the audit row is committed."""
+    if ex.finished:
+        return None
+    ex.finished = True
     caller = ex.caller
     usage = ex.usage
     latency = (time.perf_counter() - ex.started) * 1000
@@ -439,7 +500,7 @@ def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> None:
     observe_request(gw.metrics, route, ex.status, float(ex.added_ms()))
     fields = request.setdefault(LOG_FIELDS, {})
     if caller is None:
-        return
+        return None
     fields["domain"] = caller.domain_alias
     if ex.agent is not None:
         fields["backend_id"] = ex.agent.id
@@ -459,23 +520,44 @@ def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> None:
         )
         if ex.limits is not None:
             gw.limiter.charge(caller, ex.limits, usage.total)
-    gw.writer.audit(
-        AuditRecord(
-            domain_id=caller.domain_id,
-            user_id=caller.user_id,
-            route=route,
-            status=ex.status,
-            when=datetime.now(UTC),
-            model=ex.model,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            latency_ms=round(latency, 3),
-            evidence_digest=ex.trust.evidence_digest if ex.trust is not None else None,
-            backend_id=ex.agent.id if ex.agent is not None else None,
-            token_id=caller.token_id,
-            detail=ex.detail,
-        )
+    row = AuditRecord(
+        domain_id=caller.domain_id,
+        user_id=caller.user_id,
+        route=route,
+        status=ex.status,
+        when=datetime.now(UTC),
+        model=ex.model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        latency_ms=round(latency, 3),
+        evidence_digest=ex.trust.evidence_digest if ex.trust is not None else None,
+        backend_id=ex.agent.id if ex.agent is not None else None,
+        token_id=caller.token_id,
+        detail=ex.detail,
     )
+    if gw.settings.durable_audit:
+        return gw.writer.audit_durably(row)
+    gw.writer.audit(row)
+    return None
+
+
+async def _durably(
+    request: web.Request, response: web.StreamResponse, waiter: asyncio.Future[None] | None
+) -> web.StreamResponse:
+    """``durable_audit``: hand the response over only once its audit row is committed."""
+    if waiter is None:
+        return response
+    try:
+        await waiter
+    except Exception:
+        if response.prepared:
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        return GatewayError(
+            503, "the request could not be audited", code="audit_unavailable"
+        ).response()
+    return response
 
 
 def _error(ex: Exchange, error: GatewayError) -> web.Response:
@@ -499,68 +581,91 @@ async def _serve(
     gw = request.app[GATEWAY]
     path = prefix + tail
     ex = Exchange(route=_route_name(path))
+    waiter: asyncio.Future[None] | None = None
     try:
-        target = _target(request, alias, tail)
-        if request.method not in ("GET", "POST"):
-            raise GatewayError(405, f"method {request.method} is not supported", code="bad_method")
-        ex.caller = caller = await _authenticate(gw, request, alias)
-        body: bytes | None = None
-        if request.method == "POST":
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise GatewayError(
-                    413, "the request body is too large", code="body_too_large"
-                ) from None
-            ex.model = await _read_model(body, ollama)
-        if ex.model is not None and not caller.may_use_model(ex.model):
-            raise GatewayError(
-                403, f"this credential may not use the model {ex.model!r}", code="model_forbidden"
-            )
-        limits = await gw.cache.limits(caller.domain_id)
-        try:
-            gw.limiter.admit(caller, limits)
-        except LimitExceeded as exc:
-            gw.metrics.rate_limited.labels(limit=exc.which).inc()
-            raise GatewayError(
-                429,
-                f"rate limit reached ({exc.which.replace('_', ' ')} per minute); "
-                f"retry in {exc.retry_after} s",
-                code="rate_limited",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
-        ex.limits = limits
-        policy = await gw.load_policy(caller.domain_id)
-        agents = await gw.agents(caller.domain_id)
-        candidates = [a for a in agents if a.serves(ex.model, ollama=ollama)]
-        if not candidates:
-            if not [a for a in agents if a.spec.enabled]:
-                raise GatewayError(503, "this domain has no backends", code="no_backends")
-            what = f"the model {ex.model!r}" if ex.model else "this API"
-            raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
-        try:
-            token = gw.forward_token(caller, ex.model)
-        except AuthError as exc:
-            raise GatewayError(exc.status, exc.message, code=exc.code) from None
-        headers = _upstream_headers(request, token)
-        return await _forward(
-            request,
-            gw,
-            ex,
-            candidates=candidates,
-            policy=policy,
-            target=target,
-            body=body,
-            headers=headers,
-        )
+        response = await _exchange(request, gw, ex, alias, tail, ollama=ollama)
     except GatewayError as error:
-        return _error(ex, error)
+        response = _error(ex, error)
     except asyncio.CancelledError:
         ex.status = _STATUS_CLIENT_CLOSED
         ex.detail = "client disconnected"
         raise
     finally:
-        _finish(request, gw, ex)
+        waiter = _finish(request, gw, ex)
+    return await _durably(request, response, waiter)
+
+
+async def _exchange(
+    request: web.Request, gw: Gateway, ex: Exchange, alias: str | None, tail: str, *, ollama: bool
+) -> web.StreamResponse:
+    target = _target(request, alias, tail)
+    if request.method not in ("GET", "POST"):
+        raise GatewayError(405, f"method {request.method} is not supported", code="bad_method")
+    ex.caller = caller = await _authenticate(gw, request, alias)
+    body: bytes | None = None
+    if request.method == "POST":
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise GatewayError(
+                413, "the request body is too large", code="body_too_large"
+            ) from None
+        ex.model = await _request_model(request, body, ollama)
+    if ex.model is not None and not caller.may_use_model(ex.model):
+        raise GatewayError(
+            403, f"this credential may not use the model {ex.model!r}", code="model_forbidden"
+        )
+    limits = await gw.cache.limits(caller.domain_id)
+    try:
+        gw.limiter.admit(caller, limits)
+    except LimitExceeded as exc:
+        gw.metrics.rate_limited.labels(limit=exc.which).inc()
+        raise GatewayError(
+            429,
+            f"rate limit reached ({exc.which.replace('_', ' ')} per minute); "
+            f"retry in {exc.retry_after} s",
+            code="rate_limited",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    ex.limits = limits
+    policy = await gw.load_policy(caller.domain_id)
+    agents = await gw.agents(caller.domain_id)
+    candidates = [a for a in agents if a.serves(ex.model, ollama=ollama)]
+    if not candidates:
+        if not [a for a in agents if a.spec.enabled]:
+            raise GatewayError(503, "this domain has no backends", code="no_backends")
+        what = f"the model {ex.model!r}" if ex.model else "this API"
+        raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
+    if _is_e2e(request):
+        candidates = _sealed_for(request, candidates)
+    try:
+        token = gw.forward_token(caller, ex.model)
+    except AuthError as exc:
+        raise GatewayError(exc.status, exc.message, code=exc.code) from None
+    headers = _upstream_headers(request, token)
+    return await _forward(
+        request,
+        gw,
+        ex,
+        candidates=candidates,
+        policy=policy,
+        target=target,
+        body=body,
+        headers=headers,
+    )
+
+
+def _sealed_for(request: web.Request, candidates: list[Agent]) -> list[Agent]:
+    """A sealed body opens only at the agent whose HPKE key the client verified: the client
+    names it in ``Cube-E2E-Agent`` (an earlier ``X-Cube-Agent``). Route there, without failover
+    to agents that could not open it; an unknown id falls back to every candidate (that agent
+    answers 421 and the client verifies again)."""
+    wanted = request.headers.get(E2E_AGENT_HEADER)
+    if wanted:
+        chosen = [a for a in candidates if a.id == wanted]
+        if chosen:
+            return chosen
+    return candidates
 
 
 def _domain(request: web.Request) -> str:
@@ -624,19 +729,24 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
         if not agents:
             raise GatewayError(503, "this domain has no backends", code="no_backends")
         failures: list[AgentFailure] = []
+        passed: web.Response | None = None
         for agent in gw.pool.order(agents):
             try:
-                return await _pass_evidence(gw, ex, agent, policy, nonces[0])
+                passed = await _pass_evidence(gw, ex, agent, policy, nonces[0])
+                break
             except AgentFailure as failure:
                 failures.append(failure)
-        raise _no_agent(failures)
+        if passed is None:
+            raise _no_agent(failures)
+        response = passed
     except GatewayError as error:
-        return _error(ex, error)
+        response = _error(ex, error)
     except asyncio.CancelledError:
         ex.status = _STATUS_CLIENT_CLOSED
         raise
     finally:
-        _finish(request, gw, ex)
+        waiter = _finish(request, gw, ex)
+    return await _durably(request, response, waiter)
 
 
 async def _pass_evidence(

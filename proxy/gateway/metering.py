@@ -7,10 +7,29 @@ body, or in a stream's last records; the last one counts, as vLLM may repeat it 
 Ollama's carry ``prompt_eval_count`` and ``eval_count`` in the final object. A ``"usage"`` inside
 generated text cannot match: JSON escapes its quotes.
 
+End-to-end encrypted answers (docs/e2e-encryption.md) are opaque, so the agent reports their
+token counts in plaintext: a whole answer in the response header
+``Cube-Usage: prompt_tokens=<n>, completion_tokens=<n>`` (:func:`parse_usage_header`; it wins
+over anything in a body), a stream in an SSE event ``event: cube-usage`` whose ``data:`` is
+``{"prompt_tokens": n, "completion_tokens": n}``, an NDJSON (Ollama) stream in a line
+``{"cube-usage": {...}}``. Sealed events (``event: cube-e2e``) carry base64, which cannot
+contain ``"usage"``.
+
 Audit rows and usage are written by :class:`AuditWriter` in batches off the request path, so a
 database write never adds to a request's latency; usage is summed per (domain, user, model)
-within a batch. Rows waiting to be written are lost if the process is killed (at most
-``audit_flush_interval`` worth); a clean shutdown writes them all.
+within a batch. The crash-loss window, precisely: a row is queued when its response has been
+handed to the client (a stream: after its last byte), then waits up to
+``audit_flush_interval`` (50 ms) for its batch, then for the batch's transaction to commit
+(one fsync on SQLite; under load, batches grow and commits follow one another). A process
+killed with SIGKILL (or a power loss) in that window loses those rows and their usage,
+although the client got its answer; rows refused because the queue was full are counted
+(``cube_proxy_audit_dropped``). A clean shutdown (SIGTERM) writes them all.
+
+With ``durable_audit`` (``cube-proxy --durable-audit true``) the window is closed: the
+response does not complete until its row is committed — a whole answer is held back until
+then, a stream's end (the chunked terminator) is withheld — and a row that cannot be written
+turns the answer into a 503 (a stream is cut without its clean end). Durable rows skip the
+batching delay; concurrent requests still share commits (group commit).
 """
 
 from __future__ import annotations
@@ -28,7 +47,7 @@ from typing import Final
 from proxy.directory import AuditRecord, Directory
 from proxy.gateway.metrics import GatewayMetrics
 
-__all__ = ["AuditWriter", "Usage", "UsageScanner"]
+__all__ = ["USAGE_HEADER", "AuditWriter", "Usage", "UsageScanner", "parse_usage_header"]
 
 log = logging.getLogger("cube.proxy.audit")
 
@@ -36,6 +55,9 @@ _CARRY_LIMIT: Final = 256 * 1024
 _OLLAMA_PROMPT: Final = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _OLLAMA_EVAL: Final = re.compile(rb'"eval_count"\s*:\s*(\d+)')
 _DECODER: Final = json.JSONDecoder()
+USAGE_HEADER: Final = "Cube-Usage"
+_USAGE_EVENT: Final = b"cube-usage"
+_USAGE_PAIR: Final = re.compile(r"\s*(prompt_tokens|completion_tokens)\s*=\s*(\d{1,12})\s*")
 
 
 @dataclass
@@ -58,14 +80,29 @@ def _count(value: object) -> int | None:
     return None
 
 
+def parse_usage_header(value: str) -> Usage | None:
+    """``prompt_tokens=<n>, completion_tokens=<n>`` (either may be absent); None if malformed
+    (then nothing is metered from it, and the agent is not trusted with a partial reading)."""
+    usage = Usage()
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        match = _USAGE_PAIR.fullmatch(part)
+        if match is None:
+            return None
+        setattr(usage, match.group(1), _count(int(match.group(2))))
+    return usage if usage.known else None
+
+
 class UsageScanner:
     """Finds usage in a whole body (:meth:`whole`) or a stream (:meth:`feed` + :meth:`finish`)."""
 
-    __slots__ = ("_carry", "usage")
+    __slots__ = ("_carry", "_in_usage_event", "usage")
 
     def __init__(self) -> None:
         self.usage = Usage()
         self._carry = b""
+        self._in_usage_event = False
 
     def whole(self, body: bytes) -> Usage:
         self._scan(body)
@@ -89,8 +126,12 @@ class UsageScanner:
         return self.usage
 
     def _scan(self, data: bytes) -> None:
+        if self._in_usage_event or _USAGE_EVENT in data:
+            self._usage_events(data)
         if b'"usage"' in data:
-            self._openai(data)
+            self._openai(data, b'"usage"')
+        if b'"cube-usage"' in data:  # an encrypted Ollama stream's plaintext usage line
+            self._openai(data, b'"cube-usage"')
         if b'eval_count"' in data:
             prompt = _OLLAMA_PROMPT.findall(data)
             completion = _OLLAMA_EVAL.findall(data)
@@ -99,10 +140,40 @@ class UsageScanner:
             if completion:
                 self.usage.completion_tokens = int(completion[-1])
 
-    def _openai(self, data: bytes) -> None:
-        at = data.rfind(b'"usage"')
+    def _usage_events(self, data: bytes) -> None:
+        """SSE ``event: cube-usage`` / ``data: {...}`` (an event may span two feeds)."""
+        lines = data.split(b"\n")
+        if data.endswith(b"\n"):
+            lines.pop()  # not a blank line: the end of the last one
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if not line:
+                self._in_usage_event = False  # the blank line ends an event
+            elif line.startswith(b"event:"):
+                self._in_usage_event = line[6:].strip() == _USAGE_EVENT
+            elif self._in_usage_event and line.startswith(b"data:"):
+                try:
+                    value = json.loads(line[5:])
+                except ValueError:
+                    continue
+                self._take(value)
+
+    def _take(self, value: object) -> bool:
+        """Usage from ``{"prompt_tokens": n, "completion_tokens": n}``, if it is one."""
+        if not isinstance(value, dict):
+            return False
+        prompt = _count(value.get("prompt_tokens"))
+        completion = _count(value.get("completion_tokens"))
+        if prompt is None and completion is None:
+            return False
+        self.usage.prompt_tokens = prompt
+        self.usage.completion_tokens = completion
+        return True
+
+    def _openai(self, data: bytes, key: bytes) -> None:
+        at = data.rfind(key)
         while at >= 0:
-            colon = data.find(b":", at + 7)
+            colon = data.find(b":", at + len(key))
             if colon < 0:
                 return
             start = colon + 1
@@ -114,14 +185,17 @@ class UsageScanner:
                     value, _ = _DECODER.raw_decode(text)
                 except ValueError:
                     value = None
-                if isinstance(value, dict):
-                    prompt = _count(value.get("prompt_tokens"))
-                    completion = _count(value.get("completion_tokens"))
-                    if prompt is not None or completion is not None:
-                        self.usage.prompt_tokens = prompt
-                        self.usage.completion_tokens = completion
-                        return
-            at = data.rfind(b'"usage"', 0, at)
+                if self._take(value):
+                    return
+            at = data.rfind(key, 0, at)
+
+
+@dataclass(frozen=True)
+class _Waited:
+    """An audit row whose request waits until it is committed (``durable_audit``)."""
+
+    row: AuditRecord
+    done: asyncio.Future[None]
 
 
 @dataclass(frozen=True)
@@ -148,18 +222,26 @@ class AuditWriter:
         self.metrics = metrics
         self.flush_interval = flush_interval
         self.max_queue = max_queue
-        self._queue: deque[AuditRecord | _UsageRow] = deque()
+        self._queue: deque[AuditRecord | _UsageRow | _Waited] = deque()
+        self._waiting = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._hurry = asyncio.Event()  # flushed() waits: write without gathering a batch
         self.written = 0
 
-    def _put(self, item: AuditRecord | _UsageRow) -> None:
+    def _put(self, item: AuditRecord | _UsageRow | _Waited) -> None:
         if len(self._queue) >= self.max_queue:
             self.metrics.audit_dropped.inc()
             log.error("audit queue full: a row was dropped")
+            if isinstance(item, _Waited):
+                item.done.set_exception(RuntimeError("the audit queue is full"))
+                item.done.exception()
             return
+        if isinstance(item, _Waited):
+            self._waiting += 1
+            self._hurry.set()
         self._queue.append(item)
         self._idle.clear()
         if not self._wake.is_set():
@@ -168,6 +250,12 @@ class AuditWriter:
     def audit(self, row: AuditRecord) -> None:
         """Queue an audit row (never blocks; safe in ``finally`` of a cancelled handler)."""
         self._put(row)
+
+    def audit_durably(self, row: AuditRecord) -> asyncio.Future[None]:
+        """Queue an audit row; the future is done once it is committed (or failed)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._put(_Waited(row, done))
+        return done
 
     def usage(
         self,
@@ -184,6 +272,7 @@ class AuditWriter:
         """Wait until everything queued so far is written (tests, shutdown)."""
         async with asyncio.timeout(timeout):
             while self._queue or not self._idle.is_set():
+                self._hurry.set()
                 self._wake.set()
                 await self._idle.wait()
 
@@ -203,18 +292,43 @@ class AuditWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self.flush_interval)  # let a batch gather
+            if not self._waiting and not self._hurry.is_set():
+                # Let a batch gather (cut short by flushed() and by a durable row).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self.flush_interval)
             while self._queue:
                 batch = list(self._queue)
                 self._queue.clear()
                 await self._write(batch)
             if not self._queue:
+                self._hurry.clear()
                 self._idle.set()
 
-    async def _write(self, batch: list[AuditRecord | _UsageRow]) -> None:
+    async def _write(self, batch: list[AuditRecord | _UsageRow | _Waited]) -> None:
+        waiters = [item.done for item in batch if isinstance(item, _Waited)]
+        self._waiting -= len(waiters)
+        failed = 0
+        try:
+            failed = await self._write_rows(batch)
+        finally:
+            for done in waiters:
+                if done.done():
+                    continue
+                if failed:
+                    done.set_exception(RuntimeError("the audit row could not be written"))
+                    done.exception()  # retrieved: its request may be gone
+                else:
+                    done.set_result(None)
+
+    async def _write_rows(self, batch: list[AuditRecord | _UsageRow | _Waited]) -> int:
         """Write one batch: every row at once (a directory with group commit then commits the
-        whole batch in one transaction), usage summed per (domain, user, model)."""
-        rows = [item for item in batch if isinstance(item, AuditRecord)]
+        whole batch in one transaction), usage summed per (domain, user, model). Returns how
+        many audit rows failed."""
+        rows = [
+            item.row if isinstance(item, _Waited) else item
+            for item in batch
+            if isinstance(item, (AuditRecord, _Waited))
+        ]
         usage: dict[tuple[str, str, str], list[int]] = {}
         for item in batch:
             if isinstance(item, _UsageRow):
@@ -223,6 +337,7 @@ class AuditWriter:
                 sums[1] += item.completion_tokens
         # A directory may take a whole batch at once (one transaction); else row by row, all
         # at once, so that a group-committing directory still commits them together.
+        batch_failed = 0
         many: Callable[[list[AuditRecord]], Awaitable[None]] | None = getattr(
             self.directory, "record_audits", None
         )
@@ -236,6 +351,7 @@ class AuditWriter:
                     "writing audit rows failed",
                     extra={"fields": {"rows": len(rows), "error": type(exc).__name__}},
                 )
+                batch_failed = len(rows)
             rows = []
         writes: list[Awaitable[None]] = [self.directory.record_audit(row) for row in rows]
         writes += [
@@ -259,3 +375,4 @@ class AuditWriter:
             )
         if any(isinstance(r, BaseException) for r in results[len(rows) :]):
             log.error("writing usage failed")
+        return batch_failed + len(failed)

@@ -16,10 +16,11 @@ headers, credentials or bodies.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -51,6 +52,16 @@ READY_CHECKS: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
 ACCESS_LOG = web.AppKey("access_log", bool)
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
+# Request ids need to be unique, not secret: a random per-process prefix and a counter
+# (uuid4() per request was 2% of the proxy's CPU under load).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,7 +74,7 @@ def _route(request: web.Request) -> str:
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else new_request_id()
     request[REQUEST_ID] = request_id
     status = 500
     try:

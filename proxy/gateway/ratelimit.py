@@ -6,7 +6,10 @@ the backend answered, so a token bucket is *charged* afterwards and may go negat
 request is admitted only while no token bucket it falls under is negative. A refusal says
 when to retry (``Retry-After``, whole seconds, at least 1).
 
-Limits live in this process: with several proxy replicas each enforces them on its own share.
+Limits live in this process. ``cube-proxy --workers N`` runs N processes on one port; each
+enforces ``ceil(limit / N)`` (``share``), so together they admit about the limit. The kernel
+spreads *connections* over the workers, so one client on one kept-alive connection meets only
+its worker's share. Separate proxy replicas (hosts) each enforce the whole limit.
 """
 
 from __future__ import annotations
@@ -64,11 +67,17 @@ class LimitExceeded(Exception):
 _MAX_BUCKETS = 100_000
 
 
+def _part(limit: int, share: int) -> int:
+    """This worker's part of ``limit`` (0 stays 0: refuse all)."""
+    return limit if share == 1 or limit <= 0 else -(-limit // share)
+
+
 class RateLimiter:
     """Buckets by key; not thread-safe (one event loop)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, share: int = 1) -> None:
         self._clock = clock
+        self.share = max(1, share)
         self._buckets: dict[Hashable, Bucket] = {}
 
     @staticmethod
@@ -99,14 +108,25 @@ class RateLimiter:
         self, caller: Caller, limits: DomainLimits
     ) -> Iterable[tuple[str, Hashable, int, bool]]:
         tk = self.token_key(caller)
+        n = self.share
         if limits.requests_per_minute is not None:
-            yield "domain_requests", ("dr", caller.domain_id), limits.requests_per_minute, True
+            yield (
+                "domain_requests",
+                ("dr", caller.domain_id),
+                _part(limits.requests_per_minute, n),
+                True,
+            )
         if limits.token_requests_per_minute is not None:
-            yield "token_requests", ("tr", *tk), limits.token_requests_per_minute, True
+            yield "token_requests", ("tr", *tk), _part(limits.token_requests_per_minute, n), True
         if limits.tokens_per_minute is not None:
-            yield "domain_tokens", ("dt", caller.domain_id), limits.tokens_per_minute, False
+            yield (
+                "domain_tokens",
+                ("dt", caller.domain_id),
+                _part(limits.tokens_per_minute, n),
+                False,
+            )
         if limits.token_tokens_per_minute is not None:
-            yield "token_tokens", ("tt", *tk), limits.token_tokens_per_minute, False
+            yield "token_tokens", ("tt", *tk), _part(limits.token_tokens_per_minute, n), False
 
     def admit(self, caller: Caller, limits: DomainLimits) -> None:
         """Take one request from every request bucket, or raise :class:`LimitExceeded`

@@ -65,7 +65,7 @@ class Gateway:
         self.gate = AttestationGate(
             self.settings, self.metrics, on_failure=self._attestation_failed, clock=clock
         )
-        self.limiter = RateLimiter(clock=clock)
+        self.limiter = RateLimiter(clock=clock, share=self.settings.limit_share)
         self._policies: dict[bytes, LoadedPolicy] = {}
         self._tokens: dict[tuple[Caller, str | None], tuple[float, str]] = {}
         self.upstream = UpstreamPool(

@@ -42,12 +42,18 @@ class GatewaySettings:
     agent_keepalive: float = 30.0
     #: Audit rows and usage are written in batches at most this often.
     audit_flush_interval: float = 0.05
+    #: Hold each response until its audit row is committed (closes the crash-loss window of
+    #: batched audit writes; see :mod:`proxy.gateway.metering`).
+    durable_audit: bool = False
     #: Audit/usage rows waiting to be written; beyond this they are dropped (and counted).
     audit_queue_size: int = 100_000
     #: Largest evidence document accepted from an agent.
     max_evidence_bytes: int = 4 * 1024 * 1024
     #: Log one JSON line per request.
     access_log: bool = True
+    #: Worker processes sharing the port (set by ``cube-proxy --workers``, not an option of
+    #: its own): each enforces 1/``limit_share`` of every rate limit (rounded up).
+    limit_share: int = 1
 
     def validate(self) -> GatewaySettings:
         if self.max_body_bytes < 1024:
@@ -75,6 +81,8 @@ class GatewaySettings:
             raise ValueError("forward_token_ttl must be at least 10 seconds")
         if not 0 <= self.forward_token_reuse < self.forward_token_ttl:
             raise ValueError("forward_token_reuse must be below forward_token_ttl")
+        if self.limit_share < 1:
+            raise ValueError("limit_share must be >= 1")
         if self.audit_queue_size < 1:
             raise ValueError("audit_queue_size must be >= 1")
         return self

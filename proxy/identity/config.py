@@ -72,6 +72,9 @@ class IdentityConfig:
     login_max_failures: int = 10
     login_failure_window: float = 300.0
     oidc: OidcConfig | None = None
+    #: Set by ``cube-proxy --workers N``: the file whose contents change whenever a worker
+    #: changes identity data, so every worker forgets what it cached (see ``_cache.py``).
+    shared_cache_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.issuer_url.startswith(("https://", "http://")):

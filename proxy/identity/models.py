@@ -9,7 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.directory import ACTIONS, ROLES, BackendKind, BackendSpec, DomainLimits, TokenKind
+from proxy.directory import (
+    ACTIONS,
+    RESERVED_ALIASES,
+    ROLES,
+    BackendKind,
+    BackendSpec,
+    DomainLimits,
+    TokenKind,
+)
 from proxy.identity.errors import Invalid
 
 __all__ = [
@@ -36,23 +44,6 @@ __all__ = [
 ]
 
 BACKEND_KINDS: tuple[BackendKind, ...] = ("vllm", "openai", "ollama")
-#: Path segments the proxy's own routes use: a domain alias cannot be one of them.
-RESERVED_ALIASES = frozenset(
-    {
-        "v1",
-        "api",
-        "admin",
-        "auth",
-        "health",
-        "ready",
-        "metrics",
-        "well-known",
-        "attestation",
-        "static",
-        "docs",
-        "openapi",
-    }
-)
 _ALIAS = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _ID_LIKE = re.compile(r"^[0-9a-f]{32}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")

@@ -58,11 +58,17 @@ class RecordWriter:
         self._closed = False
 
     async def insert(self, table: sa.Table, values: dict[str, Any]) -> None:
+        await self.insert_many(table, [values])
+
+    async def insert_many(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Queue ``rows``; returns once they are committed (one waiter for them all)."""
         if self._closed:
             raise RuntimeError("the record writer is closed")
+        if not rows:
+            return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((table, values, future))
+        self._pending.extend((table, values, future) for values in rows)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run(), name="cube-record-writer")
@@ -77,7 +83,13 @@ class RecordWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                cut = min(MAX_BATCH, len(self._pending))
+                # A waiter's rows stay in one transaction: it returns when they all are.
+                while (
+                    cut < len(self._pending) and self._pending[cut][2] is self._pending[cut - 1][2]
+                ):
+                    cut += 1
+                batch, self._pending = self._pending[:cut], self._pending[cut:]
                 await self._commit(batch)
 
     async def _commit(

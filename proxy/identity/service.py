@@ -13,7 +13,6 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,6 +47,7 @@ from proxy.directory import (
     TokenSigner,
 )
 from proxy.identity import credentials
+from proxy.identity._cache import LoadingCache, SharedGeneration
 from proxy.identity.config import ADMIN_EMAIL_ENV, ADMIN_PASSWORD_ENV, IdentityConfig
 from proxy.identity.errors import (
     Conflict,
@@ -114,40 +114,6 @@ class DomainAccess:
         return self.role == "owner"
 
 
-class _TtlCache:
-    """A small per-process cache, cleared on every local write."""
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
-
-    def get(self, key: Any) -> Any | None:
-        if self.ttl <= 0:
-            return None
-        hit = self._data.get(key)
-        if hit is None:
-            return None
-        if hit[0] < time.monotonic():
-            self._data.pop(key, None)
-            return None
-        return hit[1]
-
-    def put(self, key: Any, value: Any, *, expires_at: float | None = None) -> None:
-        """Remember ``value``; never past ``expires_at`` (wall clock), e.g. a token's expiry."""
-        ttl = self.ttl
-        if expires_at is not None:
-            ttl = min(ttl, expires_at - time.time())
-        if ttl <= 0:
-            return
-        self._data[key] = (time.monotonic() + ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > _CACHE_MAX:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-
 def _now() -> float:
     return time.time()
 
@@ -180,7 +146,12 @@ class Identity:
         )
         self.records = RecordWriter(db)
         self.oidc = OidcVerifier(config.oidc) if config.oidc is not None else None
-        self._cache = _TtlCache(config.auth_cache_seconds)
+        shared = (
+            SharedGeneration(config.shared_cache_file)
+            if config.shared_cache_file is not None
+            else None
+        )
+        self._cache = LoadingCache(config.auth_cache_seconds, max_entries=_CACHE_MAX, shared=shared)
         self._login_failures: dict[str, list[float]] = {}
         self._last_used: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -889,15 +860,15 @@ class Identity:
 
     async def authenticate(self, bearer: str, *, domain_alias: str | None) -> Caller:
         key = ("caller", credentials.secret_hash(bearer), domain_alias)
-        cached = self._cache.get(key)
-        if cached is not None:
-            caller: Caller = cached
-            return caller
-        try:
-            caller, expires_at = await self._authenticate(bearer, domain_alias)
-        except IdentityError as exc:
-            raise AuthError(401 if exc.status == 401 else 403, exc.message, code=exc.code) from None
-        self._cache.put(key, caller, expires_at=expires_at)
+
+        async def load() -> tuple[Caller, float | None]:
+            try:
+                return await self._authenticate(bearer, domain_alias)
+            except IdentityError as exc:
+                status = 401 if exc.status == 401 else 403
+                raise AuthError(status, exc.message, code=exc.code) from None
+
+        caller: Caller = await self._cache.load(key, load)
         return caller
 
     async def _authenticate(
@@ -936,12 +907,10 @@ class Identity:
         return caller, principal.expires_at
 
     async def _cached(self, key: Any, load: Callable[[], Awaitable[T]]) -> T:
-        hit = self._cache.get(key)
-        if hit is not None:
-            value: T = hit[0]
-            return value
-        value = await load()
-        self._cache.put(key, (value,))
+        async def loader() -> tuple[T, None]:
+            return await load(), None
+
+        value: T = await self._cache.load(key, loader)
         return value
 
     async def domain_by_alias(self, alias: str) -> tuple[str, str] | None:
@@ -999,6 +968,10 @@ class Identity:
 
     async def record_audit(self, row: AuditRecord) -> None:
         await self.records.insert(audit, audit_values(row))
+
+    async def record_audits(self, rows: list[AuditRecord]) -> None:
+        """Many audit rows, committed together (the gateway's batches)."""
+        await self.records.insert_many(audit, [audit_values(row) for row in rows])
 
     def issuer(self) -> TokenSigner:
         return self._signer

@@ -45,7 +45,9 @@ class ProxyProcess:
         self.port = free_port()
         self.log = log
         self.args = [str(proxy_executable()), "--host", "127.0.0.1", "--port", str(self.port)]
-        for name, value in (extra or {}).items():
+        # One worker unless a test asks for more: tests count verifications, rate-limit
+        # buckets and metrics of one process (several workers: tests/proxy/test_workers.py).
+        for name, value in {"workers": "1", **(extra or {})}.items():
             self.args += [f"--{name}", value]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_PROXY_")}
         self.env.update(

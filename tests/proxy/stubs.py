@@ -8,7 +8,8 @@
   every connection it holds (so clients must reconnect).
 - :class:`StubAgent`: an HTTPS server with its own certificate that serves genuine simulated
   evidence naming that certificate, and records what it is sent (to see exactly what the proxy
-  forwards), answering a canned body.
+  forwards), answering a canned body (with ``headers``), or, when ``events`` is set, a stream
+  of those SSE events written one by one.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class StubAgent:
     loop: BackgroundLoop
     body: bytes = b'{"ok":true}'
     content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[bytes] | None = None
     seen: list[Seen] = field(default_factory=list)
     evidence_requests: int = 0
     port: int = 0
@@ -145,11 +148,22 @@ class StubAgent:
         document = await self.collector.acollect(nonce, claims)
         return web.Response(body=document, content_type="application/json")
 
-    async def _any(self, request: web.Request) -> web.Response:
+    async def _any(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(
             Seen(request.method, request.path_qs, dict(request.headers), await request.read())
         )
-        return web.Response(body=self.body, headers={"Content-Type": self.content_type})
+        if self.events is not None:
+            stream = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", **self.headers}
+            )
+            await stream.prepare(request)
+            for event in self.events:
+                await stream.write(event)
+            await stream.write_eof()
+            return stream
+        return web.Response(
+            body=self.body, headers={"Content-Type": self.content_type, **self.headers}
+        )
 
     async def _start(self) -> None:
         app = web.Application()

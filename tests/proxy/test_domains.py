@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from attestation.policy import Policy
-from proxy.directory import ROLE_ACTIONS, AuditRecord, AuthError, BackendSpec, DomainLimits
+from proxy.directory import (
+    RESERVED_ALIASES,
+    ROLE_ACTIONS,
+    AuditRecord,
+    AuthError,
+    BackendSpec,
+    DomainLimits,
+)
+from proxy.gateway import forward
 from proxy.identity import Conflict, Forbidden, Identity, Invalid, NotFound
 from proxy.identity.models import Principal
 from proxy.identity.records import read_audit, usage_summary
@@ -434,3 +442,20 @@ def test_directory_answers_are_fresh_after_local_changes(tmp_path: Any) -> None:
             await identity.authenticate(member_token, domain_alias="acme")
 
     use_identity(str(tmp_path / "p.db"), body, auth_cache_seconds=60)
+
+
+@pytest.mark.parametrize("alias", sorted(RESERVED_ALIASES))
+def test_every_route_segment_the_gateway_reserves_is_refused_as_an_alias(
+    tmp_path: Any, alias: str
+) -> None:
+    """The gateway never reads these first path segments as a domain (forward.py), so the
+    directory must never create a domain by that alias."""
+
+    async def body(identity: Identity) -> None:
+        admin = await identity.find_user(ADMIN_EMAIL)
+        assert admin is not None
+        with pytest.raises(Invalid):
+            await identity.create_domain(alias=alias, name="", owner_id=admin.id)
+
+    use_identity(str(tmp_path / "p.db"), body)
+    assert forward.RESERVED_ALIASES is RESERVED_ALIASES

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the vLLM fixtures imported from tests.e2e.conftest are parameters
 """End to end with real processes on loopback: the ``cube-proxy`` executable over SQLite or
 PostgreSQL (the database-backed directory, the admin API), ``cube-agent`` executables with the
 simulated SEV-SNP TEE, a fake OpenAI-shaped backend (and, in one test, vLLM on the tiny model),
@@ -18,7 +17,6 @@ import pytest
 
 from tests.agent.backends import FakeOpenAI, serving
 from tests.agent.conftest import write_model
-from tests.e2e.conftest import tiny_model, vllm, vllm_venv  # noqa: F401 - session fixtures
 from tests.e2e.servers import AgentProcess, TinyModel, VllmServer
 from tests.proxy.processes import ProxyProcess
 
@@ -117,7 +115,9 @@ class Deployment:
 
 @pytest.fixture
 def deployment(database: str, tmp_path: Path, fake_openai: FakeOpenAI) -> Iterator[Deployment]:
-    with ProxyProcess(database, tmp_path / "proxy.log") as proxy:
+    # One worker: the assertions below count verifications and rate-limit buckets of one
+    # process (several workers: see test_workers.py).
+    with ProxyProcess(database, tmp_path / "proxy.log", extra={"workers": "1"}) as proxy:
         deployed = Deployment(proxy, tmp_path, fake_openai.url)
         try:
             yield deployed
