@@ -1,7 +1,7 @@
 # Every target sets up what it needs (scripts/bootstrap is idempotent).
 VENV   := .venv
 BIN    := $(VENV)/bin
-TYPED  := attestation agent proxy cube
+TYPED  := attestation agent proxy cube cube_client
 # vLLM (CPU build) and the tiny model for the end-to-end tests live outside the checkout;
 # scripts/setup-vllm and scripts/make-tiny-model are idempotent (well under a second when cached).
 export CUBE_CACHE ?= $(HOME)/.cache/cube

@@ -9,6 +9,7 @@ Modules, one concern each:
 - :mod:`agent.evidence_endpoint`  ``GET /attestation?nonce=``
 - :mod:`agent.auth`     JWT verification middleware and scopes
 - :mod:`agent.forward`  OpenAI-compatible forwarding (and :mod:`agent.ollama` for Ollama)
+- :mod:`agent.e2e`      end-to-end encrypted bodies (``cube-e2e/1``)
 - :mod:`agent.ops`      ``/health``, ``/ready``, ``/metrics``, JSON logs
 - :mod:`agent.measure`  model weights verification and runtime measurement
 
@@ -23,7 +24,7 @@ import logging
 
 from aiohttp import web
 
-from agent import auth, evidence_endpoint, ops
+from agent import auth, e2e, evidence_endpoint, ops
 from agent.config import AgentConfig
 from agent.evidence_endpoint import EvidenceService
 from agent.identity import AgentIdentity
@@ -90,6 +91,8 @@ def create_app(
         app[ops.READY_CHECKS]["evidence"] = evidence_check
     elif identity is not None:
         app[IDENTITY] = identity
+    if IDENTITY in app:
+        e2e.setup(app, app[IDENTITY])  # sealed bodies (cube-e2e/1) open with the HPKE key
 
     if importlib.util.find_spec("agent.forward") is not None:
         forward = importlib.import_module("agent.forward")

@@ -49,6 +49,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from agent import e2e
 from agent.app import CONFIG
 from agent.config import AgentConfig
 from agent.metrics import METRICS, AgentMetrics
@@ -125,7 +126,7 @@ _NOT_FORWARDED: Final = _HOP_BY_HOP | frozenset(
         "expect",
     }
 )
-_NOT_FORWARDED_PREFIXES: Final = ("proxy-", "x-forwarded-")
+_NOT_FORWARDED_PREFIXES: Final = ("proxy-", "x-forwarded-", "cube-e2e-")
 # Response headers copied from the backend (everything else is the agent's own).
 _RESPONSE_HEADERS: Final = ("Content-Type", "X-Request-Id", "Retry-After")
 
@@ -334,10 +335,12 @@ def upstream_headers(request: web.BaseRequest, *, has_body: bool) -> CIMultiDict
         for token in value.split(",")
     }
     out: CIMultiDict[str] = CIMultiDict()
+    sealed = request.get(e2e.SEALER) is not None
     for name, value in request.headers.items():
         lower = name.lower()
         if (
-            lower in _NOT_FORWARDED
+            (sealed and lower == "content-type")  # the opened body is JSON, not the envelope
+            or lower in _NOT_FORWARDED
             or lower in named_by_connection
             or lower.startswith(_NOT_FORWARDED_PREFIXES)
         ):
@@ -374,6 +377,7 @@ class Exchange:
         "_first",
         "_loop",
         "_metrics",
+        "counts",
         "endpoint",
         "model",
         "response",
@@ -390,6 +394,7 @@ class Exchange:
         self.started = self._loop.time()
         self.response: web.StreamResponse | None = None
         self.status: int | None = None
+        self.counts: tuple[object, object] | None = None  # the backend's token counts
 
     def first_byte(self) -> None:
         if not self._first:
@@ -400,6 +405,7 @@ class Exchange:
                 )
 
     def tokens(self, prompt: object, completion: object) -> None:
+        self.counts = (prompt, completion)
         if self._metrics is None or self.model is None:
             return
         for kind, value in (("prompt", prompt), ("completion", completion)):
@@ -479,6 +485,7 @@ async def run_exchange(request: web.Request, endpoint: str, handler: Handler) ->
         response = error_response(500, "internal error while forwarding", "server_error")
     finally:
         watch.stop()
+    response = e2e.seal_response(request, response, exchange.counts)  # a sealed request's answer
     exchange.finish(exchange.status or response.status)
     return response
 
@@ -497,7 +504,10 @@ async def read_body(request: web.Request, config: AgentConfig) -> bytes:
         raise too_large from None
     if len(body) > limit:
         raise too_large
-    return body
+    try:
+        return await e2e.open_body(request, body)  # the plaintext of a sealed body
+    except e2e.EnvelopeError as exc:
+        raise BackendError(exc.status, exc.message, exc.code) from None
 
 
 async def inspect_body(body: bytes, model_keys: Iterable[str] = ("model",)) -> dict[str, Any]:
@@ -721,6 +731,7 @@ async def _relay_stream(
     exchange.response = response
     await response.prepare(request)
     framer = _Framer(framing)
+    sealing = e2e.stream_sealing(request, framing)  # a sealed request: each record sealed
     last_usage: tuple[object, object] | None = None
     content = upstream.content
     while True:
@@ -734,8 +745,11 @@ async def _relay_stream(
                 "backend failed mid-stream",
                 extra={"fields": {"endpoint": exchange.endpoint, "status": 502}},
             )
+            record = _stream_error_record(framing)
+            if sealing is not None:
+                record = sealing.seal(record) + sealing.finish(None)
             try:
-                await response.write(_stream_error_record(framing))
+                await response.write(record)
                 await response.write_eof()
             except ConnectionError:
                 exchange.status = _STATUS_CLIENT_CLOSED
@@ -750,7 +764,7 @@ async def _relay_stream(
             if found is not None:
                 last_usage = found
             try:
-                await response.write(out)
+                await response.write(out if sealing is None else sealing.seal(out))
             except ConnectionError:
                 exchange.status = _STATUS_CLIENT_CLOSED
                 log.info(
@@ -762,6 +776,11 @@ async def _relay_stream(
                 return response
         if not chunk:
             break
+    if sealing is not None and not sealing.ended:  # (a failed backend's stream is ended)
+        try:
+            await response.write(sealing.finish(last_usage))
+        except ConnectionError:
+            exchange.status = _STATUS_CLIENT_CLOSED
     if last_usage is not None:
         # Usage is cumulative (vLLM's continuous_usage_stats repeats it): count the last one.
         exchange.tokens(*last_usage)

@@ -118,16 +118,22 @@ def _emit(outcome: Outcome, *, as_json: bool, explain: bool, verdict: bool = Tru
                 click.echo(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
     if explain:
         click.echo("checks:")
-        for check in outcome.checks:
-            mark = "✓" if check.passed else "✗"
-            line = f"  {mark} {check.name}"
-            if check.detail:
-                line += f": {check.detail}"
-            click.echo(line)
-            if check.expected is not None:
-                click.echo(f"      expected: {check.expected}")
-            if check.actual is not None:
-                click.echo(f"      actual:   {check.actual}")
+        echo_checks(outcome.checks)
+
+
+def echo_checks(checks: Iterable[Check], *, indent: str = "  ", values: bool = True) -> None:
+    """Print every check, ✓ or ✗, with its detail and (``values``) expected/actual values
+    (``--explain``; ``cube verify`` prints its checks with this too)."""
+    for check in checks:
+        mark = "✓" if check.passed else "✗"
+        line = f"{indent}{mark} {check.name}"
+        if check.detail:
+            line += f": {check.detail}"
+        click.echo(line)
+        if values and check.expected is not None:
+            click.echo(f"{indent}    expected: {check.expected}")
+        if values and check.actual is not None:
+            click.echo(f"{indent}    actual:   {check.actual}")
 
 
 def _finish(outcome: Outcome, *, as_json: bool, explain: bool) -> NoReturn:
@@ -306,7 +312,7 @@ def show(**kwargs: Any) -> None:
         sys.exit(outcome.error.exit_code)
 
 
-__all__ = ["Outcome", "attest"]
+__all__ = ["Outcome", "attest", "echo_checks"]
 
 
 @attest.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import attestation
+import cube_client
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(attestation.__path__, "attestation."))
 FORBIDDEN = ("aiohttp", "agent", "proxy", "cube")
@@ -126,3 +127,54 @@ def test_the_static_checks_can_fail() -> None:
     # The verify modules break the rules the parse modules keep.
     called = set().union(*(_called_names(_source(m)[1]) for m in VERIFY_MODULES))
     assert {c for c in called if c.startswith("verify") or c == "verify"}
+
+
+# -- cube_client ----------------------------------------------------------------------------------
+
+CLIENT_MODULES = sorted(
+    {"cube_client"} | {m.name for m in pkgutil.walk_packages(cube_client.__path__, "cube_client.")}
+)
+#: The client stands on the attestation library alone: no web server stack, no agent, no proxy,
+#: no CLI (so any application can embed it, and nothing there can weaken what it checks).
+CLIENT_FORBIDDEN = ("aiohttp", "agent", "proxy", "cube")
+
+
+def test_client_modules_were_found() -> None:
+    assert {"cube_client", "cube_client.e2e", "cube_client._transport"} <= set(CLIENT_MODULES)
+
+
+def test_cube_client_imports_neither_agent_nor_proxy() -> None:
+    code = "\n".join(
+        [
+            "import importlib, sys",
+            f"for name in {CLIENT_MODULES!r}:",
+            "    importlib.import_module(name)",
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {CLIENT_FORBIDDEN!r})",
+            "assert not bad, bad",
+        ]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    offenders = [
+        (name, imported)
+        for name in CLIENT_MODULES
+        for imported in _imports(name)
+        if imported.split(".")[0] in CLIENT_FORBIDDEN
+    ]
+    assert not offenders
+
+
+def test_the_agent_uses_only_the_clients_wire_format() -> None:
+    """The agent shares the ``cube-e2e/1`` codec with clients, nothing else of cube_client."""
+    import agent
+
+    used = {
+        imported
+        for name in sorted(m.name for m in pkgutil.walk_packages(agent.__path__, "agent."))
+        for imported in _imports(name)
+        if imported.split(".")[0] == "cube_client"
+    }
+    assert used  # agent.e2e uses the codec
+    assert {m.rsplit(".", 1)[0] if m.count(".") > 1 else m for m in used} == {"cube_client.e2e"}

@@ -1,0 +1,264 @@
+"""The agent's side of end-to-end encrypted bodies (``cube-e2e/1``, docs/e2e-encryption.md).
+
+A request whose ``Content-Type`` is exactly ``application/cube-e2e`` is sealed to this agent's
+attested HPKE key (:mod:`cube_client.e2e` is the codec). :func:`open_body` (called by
+:func:`agent.forward.read_body`, so every POST route gets it) opens it, checks it, and leaves a
+:class:`~cube_client.e2e.ResponseSealer` on the request; from then on everything the agent
+answers to that request is sealed under the response key the client chose:
+
+- a whole answer (success or error) by :func:`seal_response`, with token counts in the
+  plaintext ``Cube-Usage`` header for the proxy's metering;
+- a stream by :class:`StreamSealing`: each SSE event (NDJSON line for Ollama) sealed on its own,
+  then a plaintext ``cube-usage`` record with the token counts, then the sealed end marker.
+
+Checks on a sealed request, in order (each refusal a JSON error; none reveals content):
+recipient key (421 ``e2e_wrong_recipient``: the client verifies again and retries), decryption
+(400), the sealed method and path equal the request's (400 ``e2e_wrong_target``), the issue
+time within ``WINDOW_SECONDS`` of the agent's clock (400 ``e2e_stale``), not seen before (409
+``e2e_replay``), and the ``Cube-E2E-Model`` header equal to the body's ``model`` (400
+``e2e_model_mismatch``: the proxy routes and scopes by that header). A plain request is never
+taken for a sealed one: the content type alone decides, and a sealed-type body that does not
+open is refused, never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import hdrs, web
+
+from agent.identity import AgentIdentity
+from cube_client.e2e import (
+    CONTENT_TYPE,
+    MODEL_HEADER,
+    USAGE_HEADER,
+    EnvelopeError,
+    Framing,
+    ResponseSealer,
+    key_id,
+    open_request,
+    split_records,
+    usage_header,
+    usage_record,
+)
+
+__all__ = [
+    "E2E",
+    "MAX_SEEN",
+    "SEALER",
+    "WINDOW_SECONDS",
+    "E2EState",
+    "EnvelopeError",
+    "ReplayCache",
+    "StreamSealing",
+    "is_sealed",
+    "open_body",
+    "seal_response",
+    "setup",
+    "stream_sealing",
+]
+
+#: How far a request's issue time may be from the agent's clock (either way), in seconds.
+WINDOW_SECONDS: Final = 300
+#: Most requests remembered for replay detection; when full of live entries, new sealed
+#: requests are refused (503) rather than any entry forgotten early.
+MAX_SEEN: Final = 200_000
+_OPEN_OFF_LOOP: Final = 256 * 1024  # envelopes above this are opened in a worker thread
+
+
+class ReplayCache:
+    """Remembers the HPKE ``enc`` of every accepted request until its issue time has left the
+    window (kept ``2 * window`` after arrival, which covers that), bounded in size."""
+
+    def __init__(
+        self,
+        *,
+        window: int = WINDOW_SECONDS,
+        max_entries: int = MAX_SEEN,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()  # worker threads open large envelopes
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def admit(self, enc: bytes, issued_at: int) -> None:
+        """Accept a request once, inside the window; :class:`EnvelopeError` otherwise."""
+        now = self._clock()
+        if abs(now - issued_at) > self.window:
+            raise EnvelopeError(
+                f"the encrypted request was issued {int(now - issued_at)} s from the agent's "
+                f"clock; at most {self.window} s either way is accepted (check the clock)",
+                code="e2e_stale",
+            )
+        with self._lock:
+            horizon = now - 2 * self.window
+            while self._seen:
+                oldest, arrived = next(iter(self._seen.items()))
+                if arrived >= horizon:
+                    break
+                del self._seen[oldest]
+            if enc in self._seen:
+                raise EnvelopeError(
+                    "this encrypted request was already received: replay refused",
+                    code="e2e_replay",
+                    status=409,
+                )
+            if len(self._seen) >= self.max_entries:
+                raise EnvelopeError(
+                    "too many encrypted requests in the replay window; retry shortly",
+                    code="e2e_busy",
+                    status=503,
+                )
+            self._seen[enc] = now
+
+
+class E2EState:
+    """What opening sealed requests needs: the key holder and the replay cache."""
+
+    def __init__(self, identity: AgentIdentity, replay: ReplayCache | None = None) -> None:
+        self.key_id = key_id(identity.hpke_public_key)
+        self.decrypt = identity.hpke_decrypt
+        self.replay = replay if replay is not None else ReplayCache()
+
+
+E2E = web.AppKey("e2e", E2EState)
+#: Set on a request whose body was sealed: everything answered to it is sealed too.
+SEALER = web.RequestKey("e2e_sealer", ResponseSealer)
+
+
+def setup(app: web.Application, identity: AgentIdentity) -> None:
+    app[E2E] = E2EState(identity)
+
+
+def is_sealed(request: web.BaseRequest) -> bool:
+    """Whether the request claims a sealed body (the content type alone decides)."""
+    return request.content_type.lower() == CONTENT_TYPE
+
+
+def _body_model(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None  # the forwarding code refuses it with its own message
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _open(state: E2EState, request: web.Request, envelope: bytes) -> tuple[ResponseSealer, bytes]:
+    opened = open_request(envelope, recipient_key_id=state.key_id, decrypt=state.decrypt)
+    meta = opened.meta
+    if meta.method != request.method or meta.path != request.path:
+        raise EnvelopeError(
+            "the encrypted request was sealed for another method or path", code="e2e_wrong_target"
+        )
+    state.replay.admit(opened.enc, meta.issued_at)
+    header = request.headers.get(MODEL_HEADER)
+    model = _body_model(opened.body)
+    if header != model and not (header is None and model is None):
+        raise EnvelopeError(
+            f"the {MODEL_HEADER} header does not name the model of the encrypted body",
+            code="e2e_model_mismatch",
+        )
+    return ResponseSealer(meta), opened.body
+
+
+async def open_body(request: web.Request, body: bytes) -> bytes:
+    """The plaintext body of ``request``: ``body`` itself unless sealed (then opened, checked,
+    and the request marked for sealed answers). Raises :class:`EnvelopeError`."""
+    if not is_sealed(request):
+        return body
+    state = request.app.get(E2E)
+    if state is None:
+        raise EnvelopeError(
+            "end-to-end encryption is not available on this agent", code="e2e_unavailable"
+        )
+    if len(body) > _OPEN_OFF_LOOP:
+        sealer, plain = await asyncio.to_thread(_open, state, request, body)
+    else:
+        sealer, plain = _open(state, request, body)
+    request[SEALER] = sealer
+    return plain
+
+
+def _counts(usage: tuple[object, object] | None) -> tuple[int | None, int | None]:
+    if usage is None:
+        return None, None
+    prompt, completion = usage
+    return (
+        prompt if type(prompt) is int and prompt >= 0 else None,
+        completion if type(completion) is int and completion >= 0 else None,
+    )
+
+
+def seal_response(
+    request: web.Request,
+    response: web.StreamResponse,
+    usage: tuple[object, object] | None = None,
+) -> web.StreamResponse:
+    """Seal a whole (not yet sent) answer to a sealed request; anything else as it is."""
+    sealer = request.get(SEALER)
+    if (
+        sealer is None
+        or sealer.ended
+        or response.prepared
+        or not isinstance(response, web.Response)
+    ):
+        return response
+    body = response.body if isinstance(response.body, bytes) else b""
+    content_type = response.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
+    headers = {
+        name: value
+        for name, value in response.headers.items()
+        if name.lower() not in ("content-type", "content-length", "content-encoding")
+    }
+    prompt, completion = _counts(usage)
+    if prompt is not None or completion is not None:
+        headers[USAGE_HEADER] = usage_header(prompt, completion)
+    sealed = sealer.whole(body, content_type)
+    out = web.Response(status=response.status, body=sealed, headers=headers)
+    out.content_type = CONTENT_TYPE
+    return out
+
+
+class StreamSealing:
+    """Seals a relayed stream record by record (one per SSE event or NDJSON line)."""
+
+    def __init__(self, sealer: ResponseSealer, framing: Framing) -> None:
+        self._sealer = sealer
+        self._framing = framing
+
+    def seal(self, data: bytes) -> bytes:
+        """``data`` is one or more complete records (or a record-less blob): each sealed."""
+        return b"".join(
+            self._sealer.event(record, self._framing)
+            for record in split_records(data, self._framing)
+        )
+
+    @property
+    def ended(self) -> bool:
+        """Whether the end marker has been sealed (nothing may follow it)."""
+        return self._sealer.ended
+
+    def finish(self, usage: tuple[object, object] | None) -> bytes:
+        """The plaintext token counts (when known), then the sealed end marker."""
+        prompt, completion = _counts(usage)
+        out = b""
+        if prompt is not None or completion is not None:
+            out = usage_record(prompt, completion, self._framing)
+        return out + self._sealer.end(self._framing)
+
+
+def stream_sealing(request: web.Request, framing: Framing) -> StreamSealing | None:
+    sealer = request.get(SEALER)
+    return None if sealer is None else StreamSealing(sealer, framing)

@@ -1,0 +1,659 @@
+"""The attested transport: an ``httpx2`` client (what the ``openai`` SDK uses) that talks only to
+a verified endpoint.
+
+Per request, before a byte of it is written:
+
+1. the request must go to the endpoint's origin, under its path (anything else is refused);
+2. the endpoint is verified (:func:`cube_client.verify_endpoint`) if it has not been yet, or its
+   evidence reached the policy's maximum age;
+3. a body is sealed to the attested HPKE key (``cube-e2e/1``) when encryption is on; through a
+   proxy, a body is refused when encryption is off (TLS ends at the proxy);
+4. for a direct agent, every connection must present the attested certificate (checked right
+   after the TLS handshake, before the request is written; CA verification is off, the pin is
+   the authentication). A different certificate closes that connection, the agent is verified
+   again (once: a restarted agent attests its new certificate) and the request retried; if it
+   still does not match, the request is refused.
+
+Sealed answers are opened (whole bodies, and streams record by record with the end marker
+required); a plaintext success answer to a sealed request is refused. An agent that answers
+421 ``e2e_wrong_recipient`` (a proxy routed the request to another agent than the one verified)
+gets one retry after a fresh verification. Errors raised here are
+:class:`attestation.errors.AttestationError`s (the ``openai`` SDK wraps them in
+``APIConnectionError``; the cause is ``__cause__``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Final
+
+import httpcore2
+import httpx2
+
+from attestation.errors import BindingError
+from attestation.policy import Policy
+from cube_client import e2e
+from cube_client._errors import EncryptionError, PlaintextRefusedError
+from cube_client._net import (
+    AsyncCheckedBackend,
+    CertificatePin,
+    CheckedBackend,
+    PinMismatch,
+    agent_ssl_context,
+)
+from cube_client._verify import (
+    AttestedEndpoint,
+    Endpoint,
+    averify_endpoint,
+    parse_endpoint,
+    verify_endpoint,
+)
+
+__all__ = [
+    "AsyncAttestedClient",
+    "AsyncAttestedTransport",
+    "AttestedClient",
+    "AttestedTransport",
+    "attested_async_http_client",
+    "attested_http_client",
+]
+
+_VERIFY_TIMEOUT: Final = 60.0
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+_STREAM_TYPES: Final = {"text/event-stream": "sse", "application/x-ndjson": "ndjson"}
+_DROPPED_RESPONSE_HEADERS: Final = frozenset(
+    {"content-length", "content-type", "content-encoding", "transfer-encoding"}
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _no_check(der: bytes) -> None:
+    del der  # through a proxy the TLS certificate is CA-verified, not attested
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """httpcore2's exceptions as httpx2's (same names), which the openai SDK understands."""
+    try:
+        yield
+    except httpcore2.TimeoutException as exc:
+        raise getattr(httpx2, type(exc).__name__, httpx2.TimeoutException)(str(exc)) from exc
+    except (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol) as exc:
+        raise getattr(httpx2, type(exc).__name__, httpx2.TransportError)(str(exc)) from exc
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _bearer(request: httpx2.Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _media_type(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1").split(";")[0].strip().lower()
+    return ""
+
+
+class _Core:
+    """What the sync and async transports share: targets, sealing, and opening answers."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: Policy,
+        *,
+        encrypt: bool,
+        via_proxy: bool | None,
+        ca: ssl.SSLContext | None,
+        api_key: str | None,
+        now: Callable[[], datetime] | None,
+    ) -> None:
+        self.endpoint: Endpoint = parse_endpoint(url, via_proxy)
+        self.policy = policy
+        self.encrypt = encrypt
+        self.ca = ca
+        self.api_key = api_key
+        self.now = now or _utcnow
+        self.attested: AttestedEndpoint | None = None
+        #: Direct agents: the attested certificate; replaced (never mutated) on re-verification.
+        self.pin = CertificatePin(bytes(32))
+
+    @property
+    def direct(self) -> bool:
+        return not self.endpoint.via_proxy
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.endpoint.scheme != "https":
+            return None
+        if self.direct:
+            return agent_ssl_context()
+        return self.ca if self.ca is not None else ssl.create_default_context()
+
+    def check(self, der: bytes) -> None:
+        if self.direct:
+            self.pin(der)
+        else:
+            _no_check(der)
+
+    def fresh(self) -> AttestedEndpoint | None:
+        attested = self.attested
+        if attested is None or attested.expired(self.now()):
+            return None
+        return attested
+
+    def adopt(self, attested: AttestedEndpoint) -> bool:
+        """Take a new verification; True if the pinned certificate changed."""
+        changed = self.pin.sha256 != attested.cert_sha256
+        if changed:
+            self.pin = CertificatePin(attested.cert_sha256)
+        self.attested = attested
+        return changed
+
+    def api_key_for(self, request: httpx2.Request) -> str | None:
+        return self.api_key if self.api_key is not None else _bearer(request)
+
+    def relative_path(self, request: httpx2.Request) -> str:
+        """The request's path as the agent sees it; refuses anything off the endpoint."""
+        url = request.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        endpoint = self.endpoint
+        if (
+            url.scheme != endpoint.scheme
+            or (url.host or "").lower() != endpoint.host.lower()
+            or port != endpoint.port
+        ):
+            raise PlaintextRefusedError(
+                f"the attested transport for {endpoint.url} does not send requests to "
+                f"{url.scheme}://{url.host}:{port}",
+                check="transport.target",
+            )
+        path = url.path
+        if endpoint.path:
+            if not path.startswith(endpoint.path + "/"):
+                raise PlaintextRefusedError(
+                    f"the attested transport for {endpoint.url} only sends requests under "
+                    f"{endpoint.path}/",
+                    check="transport.target",
+                )
+            path = path[len(endpoint.path) :]
+        return path
+
+    def prepare(
+        self, request: httpx2.Request, body: bytes, attested: AttestedEndpoint, path: str
+    ) -> tuple[list[tuple[bytes, bytes]], bytes, e2e.RequestMeta | None]:
+        """Headers and body to send (sealed when encryption is on), and the seal's metadata."""
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"]
+        if not body and request.method not in _BODY_METHODS:
+            return headers, body, None  # nothing to protect (a GET)
+        if not self.encrypt:
+            if not self.direct:
+                raise PlaintextRefusedError(
+                    f"refusing to send a plaintext body through the proxy at {self.endpoint.url}: "
+                    "TLS ends there, outside the TEE; turn encryption on",
+                    check="transport.plaintext",
+                )
+            return [*headers, (b"Content-Length", str(len(body)).encode())], body, None
+        model = _model_of(body)
+        sealed, meta = e2e.seal_request(
+            body, attested.hpke_public_key, method=request.method, path=path, model=model
+        )
+        out = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+        out.append((b"Content-Type", e2e.CONTENT_TYPE.encode()))
+        out.append((b"Content-Length", str(len(sealed)).encode()))
+        if model is not None:
+            out.append((e2e.MODEL_HEADER.encode(), model.encode()))
+        if attested.agent_id is not None:
+            out.append((e2e.AGENT_HEADER.encode(), attested.agent_id.encode()))
+        return out, sealed, meta
+
+    def core_request(
+        self,
+        request: httpx2.Request,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> httpcore2.Request:
+        url = request.url
+        return httpcore2.Request(
+            method=request.method,
+            url=httpcore2.URL(
+                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+            ),
+            headers=headers,
+            content=body,
+            extensions=request.extensions,
+        )
+
+    @staticmethod
+    def wrong_recipient(response_status: int, body: bytes) -> bool:
+        return response_status == 421 and b"e2e_wrong_recipient" in body
+
+    @staticmethod
+    def whole(response: httpcore2.Response, meta: e2e.RequestMeta, body: bytes) -> httpx2.Response:
+        media = _media_type(response.headers)
+        if media == e2e.CONTENT_TYPE:
+            plain, content_type = e2e.open_whole(meta, body)
+            headers = [
+                (k, v)
+                for k, v in response.headers
+                if k.decode("latin-1").lower() not in _DROPPED_RESPONSE_HEADERS
+            ]
+            headers.append((b"Content-Type", content_type.encode("latin-1")))
+            return httpx2.Response(
+                response.status, headers=headers, content=plain, extensions=response.extensions
+            )
+        if response.status >= 400:
+            # Refused before the body was opened (by the proxy or the agent): a plaintext error,
+            # which carries no content of the exchange.
+            return httpx2.Response(
+                response.status,
+                headers=response.headers,
+                content=body,
+                extensions=response.extensions,
+            )
+        raise EncryptionError(
+            f"a plaintext answer (HTTP {response.status}, {media or 'no content type'}) to an "
+            "encrypted request: refused",
+            check="e2e.e2e_plaintext",
+        )
+
+    @staticmethod
+    def stream_headers(response: httpcore2.Response) -> list[tuple[bytes, bytes]]:
+        return [
+            (k, v)
+            for k, v in response.headers
+            if k.decode("latin-1").lower() not in ("content-length", "content-encoding")
+        ]
+
+
+# -- synchronous ----------------------------------------------------------------------------------
+
+
+class _DecryptedStream(httpx2.SyncByteStream):
+    def __init__(self, inner: Iterable[bytes], decoder: e2e.StreamDecoder) -> None:
+        self._inner = inner
+        self._decoder = decoder
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _mapped_errors():
+            for chunk in self._inner:
+                plain = self._decoder.feed(chunk)
+                if plain:
+                    yield plain
+        self._decoder.finish()
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class _PlainStream(httpx2.SyncByteStream):
+    def __init__(self, inner: Iterable[bytes]) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _mapped_errors():
+            yield from self._inner
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class AttestedTransport(httpx2.BaseTransport):
+    """An ``httpx2`` transport that verifies, pins and (optionally) seals; see the module."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: Policy,
+        *,
+        encrypt: bool = True,
+        via_proxy: bool | None = None,
+        ca: ssl.SSLContext | None = None,
+        api_key: str | None = None,
+        now: Callable[[], datetime] | None = None,
+        verify_timeout: float = _VERIFY_TIMEOUT,
+    ) -> None:
+        self._core = _Core(
+            url, policy, encrypt=encrypt, via_proxy=via_proxy, ca=ca, api_key=api_key, now=now
+        )
+        self._verify_timeout = verify_timeout
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    @property
+    def attested(self) -> AttestedEndpoint | None:
+        """The current verification (None before the first request)."""
+        return self._core.attested
+
+    def _new_pool(self) -> httpcore2.ConnectionPool:
+        return httpcore2.ConnectionPool(
+            ssl_context=self._core.ssl_context(),
+            network_backend=CheckedBackend(self._core.check),
+            keepalive_expiry=5.0,
+        )
+
+    def verify(self, api_key: str | None = None, *, force: bool = False) -> AttestedEndpoint:
+        """The current verification, verifying first when there is none, it expired, or
+        ``force``."""
+        core = self._core
+        with self._lock:
+            current = None if force else core.fresh()
+            if current is not None:
+                return current
+            attested = verify_endpoint(
+                core.endpoint.url,
+                core.policy,
+                via_proxy=core.endpoint.via_proxy,
+                ca=core.ca,
+                timeout=self._verify_timeout,
+                now=core.now,
+                api_key=api_key if api_key is not None else core.api_key,
+            )
+            if core.adopt(attested):
+                old, self._pool = self._pool, self._new_pool()
+                old.close()  # connections to the old certificate
+            return attested
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        core = self._core
+        path = core.relative_path(request)
+        body = request.read()
+        api_key = core.api_key_for(request)
+        attested = self.verify(api_key)
+        for attempt in (1, 2):
+            headers, content, meta = core.prepare(request, body, attested, path)
+            try:
+                with _mapped_errors():
+                    response = self._pool.handle_request(
+                        core.core_request(request, headers, content)
+                    )
+            except PinMismatch as exc:
+                if attempt == 2:
+                    raise BindingError(
+                        f"{core.endpoint.url} presents a certificate (sha256 "
+                        f"{exc.presented_sha256.hex()}) that is not the attested one, even "
+                        "after verifying again: refused",
+                        check="tls.certificate",
+                    ) from None
+                attested = self.verify(api_key, force=True)
+                continue
+            if meta is None:
+                return httpx2.Response(
+                    response.status,
+                    headers=response.headers,
+                    stream=_PlainStream(response.stream),  # type: ignore[arg-type]
+                    extensions=response.extensions,
+                )
+            media = _media_type(response.headers)
+            framing = _STREAM_TYPES.get(media)
+            if framing is not None and response.status < 300:
+                decoder = e2e.StreamDecoder(meta, "sse" if framing == "sse" else "ndjson")
+                return httpx2.Response(
+                    response.status,
+                    headers=core.stream_headers(response),
+                    stream=_DecryptedStream(response.stream, decoder),  # type: ignore[arg-type]
+                    extensions=response.extensions,
+                )
+            try:
+                with _mapped_errors():
+                    raw = response.read()
+            finally:
+                response.close()
+            if attempt == 1 and core.wrong_recipient(response.status, raw):
+                attested = self.verify(api_key, force=True)
+                continue
+            return core.whole(response, meta, raw)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# -- asynchronous ---------------------------------------------------------------------------------
+
+
+class _AsyncDecryptedStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: AsyncIterator[bytes], decoder: e2e.StreamDecoder) -> None:
+        self._inner = inner
+        self._decoder = decoder
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped_errors():
+            async for chunk in self._inner:
+                plain = self._decoder.feed(chunk)
+                if plain:
+                    yield plain
+        self._decoder.finish()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _AsyncPlainStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: AsyncIterator[bytes]) -> None:
+        self._inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped_errors():
+            async for chunk in self._inner:
+                yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
+    """The asyncio counterpart of :class:`AttestedTransport`."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: Policy,
+        *,
+        encrypt: bool = True,
+        via_proxy: bool | None = None,
+        ca: ssl.SSLContext | None = None,
+        api_key: str | None = None,
+        now: Callable[[], datetime] | None = None,
+        verify_timeout: float = _VERIFY_TIMEOUT,
+    ) -> None:
+        self._core = _Core(
+            url, policy, encrypt=encrypt, via_proxy=via_proxy, ca=ca, api_key=api_key, now=now
+        )
+        self._verify_timeout = verify_timeout
+        self._lock: asyncio.Lock | None = None
+        self._pool = self._new_pool()
+
+    @property
+    def attested(self) -> AttestedEndpoint | None:
+        return self._core.attested
+
+    def _new_pool(self) -> httpcore2.AsyncConnectionPool:
+        return httpcore2.AsyncConnectionPool(
+            ssl_context=self._core.ssl_context(),
+            network_backend=AsyncCheckedBackend(self._core.check),
+            keepalive_expiry=5.0,
+        )
+
+    async def verify(self, api_key: str | None = None, *, force: bool = False) -> AttestedEndpoint:
+        core = self._core
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            current = None if force else core.fresh()
+            if current is not None:
+                return current
+            attested = await averify_endpoint(
+                core.endpoint.url,
+                core.policy,
+                via_proxy=core.endpoint.via_proxy,
+                ca=core.ca,
+                timeout=self._verify_timeout,
+                now=core.now,
+                api_key=api_key if api_key is not None else core.api_key,
+            )
+            if core.adopt(attested):
+                old, self._pool = self._pool, self._new_pool()
+                await old.aclose()
+            return attested
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        core = self._core
+        path = core.relative_path(request)
+        body = await request.aread()
+        api_key = core.api_key_for(request)
+        attested = await self.verify(api_key)
+        for attempt in (1, 2):
+            headers, content, meta = core.prepare(request, body, attested, path)
+            try:
+                with _mapped_errors():
+                    response = await self._pool.handle_async_request(
+                        core.core_request(request, headers, content)
+                    )
+            except PinMismatch as exc:
+                if attempt == 2:
+                    raise BindingError(
+                        f"{core.endpoint.url} presents a certificate (sha256 "
+                        f"{exc.presented_sha256.hex()}) that is not the attested one, even "
+                        "after verifying again: refused",
+                        check="tls.certificate",
+                    ) from None
+                attested = await self.verify(api_key, force=True)
+                continue
+            if meta is None:
+                return httpx2.Response(
+                    response.status,
+                    headers=response.headers,
+                    stream=_AsyncPlainStream(response.stream),  # type: ignore[arg-type]
+                    extensions=response.extensions,
+                )
+            media = _media_type(response.headers)
+            framing = _STREAM_TYPES.get(media)
+            if framing is not None and response.status < 300:
+                decoder = e2e.StreamDecoder(meta, "sse" if framing == "sse" else "ndjson")
+                return httpx2.Response(
+                    response.status,
+                    headers=core.stream_headers(response),
+                    stream=_AsyncDecryptedStream(response.stream, decoder),  # type: ignore[arg-type]
+                    extensions=response.extensions,
+                )
+            try:
+                with _mapped_errors():
+                    raw = await response.aread()
+            finally:
+                await response.aclose()
+            if attempt == 1 and core.wrong_recipient(response.status, raw):
+                attested = await self.verify(api_key, force=True)
+                continue
+            return core.whole(response, meta, raw)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+
+class AttestedClient(httpx2.Client):
+    """An ``httpx2.Client`` over an :class:`AttestedTransport` (what
+    :func:`attested_http_client` returns), with the verification at hand."""
+
+    def __init__(self, transport: AttestedTransport, *, timeout: float) -> None:
+        super().__init__(
+            transport=transport, timeout=timeout, trust_env=False, follow_redirects=False
+        )
+        self.attested_transport = transport
+
+    @property
+    def attested(self) -> AttestedEndpoint | None:
+        """The current verification (None before the first request or :meth:`verify`)."""
+        return self.attested_transport.attested
+
+    def verify(self, *, force: bool = False) -> AttestedEndpoint:
+        """Verify now (unless a verification is still fresh), e.g. to show it before chatting."""
+        return self.attested_transport.verify(force=force)
+
+
+class AsyncAttestedClient(httpx2.AsyncClient):
+    """The asyncio counterpart of :class:`AttestedClient`."""
+
+    def __init__(self, transport: AsyncAttestedTransport, *, timeout: float) -> None:
+        super().__init__(
+            transport=transport, timeout=timeout, trust_env=False, follow_redirects=False
+        )
+        self.attested_transport = transport
+
+    @property
+    def attested(self) -> AttestedEndpoint | None:
+        return self.attested_transport.attested
+
+    async def verify(self, *, force: bool = False) -> AttestedEndpoint:
+        return await self.attested_transport.verify(force=force)
+
+
+def attested_http_client(
+    url: str,
+    policy: Policy,
+    *,
+    encrypt: bool = True,
+    via_proxy: bool | None = None,
+    ca: ssl.SSLContext | None = None,
+    timeout: float = 600.0,
+    api_key: str | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> AttestedClient:
+    """An ``httpx2.Client`` over :class:`AttestedTransport`, for
+    ``openai.OpenAI(base_url=f"{url}/v1", api_key=..., http_client=...)``.
+
+    ``api_key``: the credential for a proxy's evidence route (default: the bearer token of the
+    request being sent; never sent to an agent before it is verified).
+    """
+    transport = AttestedTransport(
+        url, policy, encrypt=encrypt, via_proxy=via_proxy, ca=ca, api_key=api_key, now=now
+    )
+    return AttestedClient(transport, timeout=timeout)
+
+
+def attested_async_http_client(
+    url: str,
+    policy: Policy,
+    *,
+    encrypt: bool = True,
+    via_proxy: bool | None = None,
+    ca: ssl.SSLContext | None = None,
+    timeout: float = 600.0,
+    api_key: str | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> AsyncAttestedClient:
+    """An ``httpx2.AsyncClient`` over :class:`AsyncAttestedTransport` (``openai.AsyncOpenAI``)."""
+    transport = AsyncAttestedTransport(
+        url, policy, encrypt=encrypt, via_proxy=via_proxy, ca=ca, api_key=api_key, now=now
+    )
+    return AsyncAttestedClient(transport, timeout=timeout)
