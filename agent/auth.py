@@ -501,17 +501,20 @@ async def auth_middleware(
 
 
 def setup(app: web.Application, config: AgentConfig, *, keys: KeySet | None = None) -> None:
-    """Install the verifier and middleware. Keys: ``keys``, else ``config.jwks_file``, else
-    a :class:`JwksFetcher` for ``config.jwks_url`` owned by the app's ``cleanup_ctx``."""
+    """Install the verifier and middleware. Keys: ``keys``, else ``config.jwks_file``, else the
+    inline ``config.jwks``, else a :class:`JwksFetcher` for ``config.jwks_url`` owned by the
+    app's ``cleanup_ctx``."""
     if keys is None:
         if config.jwks_file is not None:
             keys = KeySet.from_file(config.jwks_file)
+        elif config.jwks is not None:
+            keys = KeySet(parse_jwks(config.jwks.encode()))
         elif config.jwks_url is not None:
             keys = KeySet()
             fetcher = JwksFetcher(config.jwks_url, keys)
             app[JWKS_FETCHER] = fetcher
             app.cleanup_ctx.append(fetcher.cleanup_ctx)
         else:
-            raise JwksError("no JWKS file or URL configured")
+            raise JwksError("no JWKS file, inline JWKS or URL configured")
     app[VERIFIER] = TokenVerifier(issuer=config.jwt_issuer, audience=config.jwt_audience, keys=keys)
     app.middlewares.append(auth_middleware)

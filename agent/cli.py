@@ -25,10 +25,11 @@ from typing import Any
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.identity import AGENT_VERSION
 
-__all__ = ["ENV_PREFIX", "OPTIONS", "effective_config", "main"]
+__all__ = ["ENV_PREFIX", "EXPECT_CONFIG_SHA256_ENV", "OPTIONS", "effective_config", "main"]
 
 ENV_PREFIX = "CUBE_AGENT_"
 CONFIG_ENV = "CUBE_AGENT_CONFIG"
+EXPECT_CONFIG_SHA256_ENV = "CUBE_AGENT_EXPECT_CONFIG_SHA256"
 
 _HELP = {
     "host": "address to listen on (HTTPS)",
@@ -43,6 +44,7 @@ _HELP = {
     "jwt_audience": "the token audience (aud): the domain this VM serves",
     "jwks_file": "the issuer's public keys (JWKS file)",
     "jwks_url": "the issuer's public keys (https:// JWKS URL)",
+    "jwks": "the issuer's public keys inline (a JWKS JSON document)",
     "tee": "TEE: auto, none (vTPM only), sev-snp, tdx, or the SIMULATOR sim-sev-snp / sim-tdx",
     "tpm": "vTPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:port=2321",
     "tpm_pcrs": "PCRs to quote (comma-separated)",
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cube-agent-config/1 JSON file (also {CONFIG_ENV})",
     )
     parser.add_argument(
+        "--expect-config-sha256",
+        metavar="HEX",
+        help="refuse to start unless the --config file's bytes have this SHA-256 (the appliance "
+        "passes cube.config_sha256= from its measured kernel command line; also "
+        f"{EXPECT_CONFIG_SHA256_ENV})",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the effective measured configuration and its digest, then exit",
@@ -157,10 +166,15 @@ def effective_config(
     flags: Mapping[str, str | None],
     environ: Mapping[str, str],
     config_file: str | None = None,
+    *,
+    expect_config_sha256: str | None = None,
 ) -> AgentConfig:
-    """Defaults, then the file, then the environment, then the flags."""
+    """Defaults, then the file, then the environment, then the flags. With
+    ``expect_config_sha256`` a configuration file is required and must hash to it."""
     path = config_file or environ.get(CONFIG_ENV) or None
-    config = load_config(path) if path else AgentConfig()
+    if expect_config_sha256 is not None and not path:
+        raise ConfigError("an expected configuration sha256 was given but no configuration file")
+    config = load_config(path, expect_sha256=expect_config_sha256) if path else AgentConfig()
     from_env: dict[str, Any] = {}
     from_flags: dict[str, Any] = {}
     for option in OPTIONS:
@@ -179,8 +193,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = build_parser().parse_args(argv)
     env = os.environ if environ is None else environ
     flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    expect = args.expect_config_sha256 or env.get(EXPECT_CONFIG_SHA256_ENV) or None
     try:
-        config = effective_config(flags, env, args.config).validate()
+        config = effective_config(flags, env, args.config, expect_config_sha256=expect).validate()
     except ConfigError as exc:
         print(f"cube-agent: invalid configuration: {exc}", file=sys.stderr)
         return 2

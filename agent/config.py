@@ -9,7 +9,9 @@ configuration holds no secrets (JWT verification keys are public), so it is safe
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +23,9 @@ __all__ = [
     "CONFIG_FORMAT",
     "AgentConfig",
     "ConfigError",
+    "config_file_sha256",
     "load_config",
+    "parse_config",
 ]
 
 CONFIG_FORMAT = "cube-agent-config/1"
@@ -56,6 +60,9 @@ class AgentConfig:
     jwt_audience: str = ""
     jwks_file: str | None = None
     jwks_url: str | None = None
+    # Or the keys inline (a JWKS document as canonical JSON text): then the configuration digest,
+    # which is bound to the measured boot (cube.config_sha256=), covers the issuer keys too.
+    jwks: str | None = None
     # Evidence sources.
     tee: TeeChoice = "auto"
     tpm: str | None = None  # a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321") or None
@@ -84,8 +91,15 @@ class AgentConfig:
             )
         if not self.jwt_issuer or not self.jwt_audience:
             raise ConfigError("jwt_issuer and jwt_audience are required")
-        if (self.jwks_file is None) == (self.jwks_url is None):
-            raise ConfigError("give exactly one of jwks_file and jwks_url")
+        if sum(k is not None for k in (self.jwks_file, self.jwks_url, self.jwks)) != 1:
+            raise ConfigError("give exactly one of jwks_file, jwks_url and jwks")
+        if self.jwks is not None:
+            from agent.auth import JwksError, parse_jwks  # auth imports this module
+
+            try:
+                parse_jwks(self.jwks.encode())
+            except JwksError as exc:
+                raise ConfigError(f"jwks: {exc}") from None
         if self.model_digest is not None and not (
             self.model_digest.startswith("sha256:") and len(self.model_digest) == 71
         ):
@@ -144,12 +158,43 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def load_config(path: str | Path) -> AgentConfig:
-    """Read a ``cube-agent-config/1`` JSON file (unknown keys are an error)."""
+def config_file_sha256(data: bytes) -> str:
+    """Hex SHA-256 of a configuration file's bytes: what the image binds on the measured kernel
+    command line (``cube.config_sha256=``) and ``cube-agent --expect-config-sha256`` checks."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical_jwks(value: object) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, str):
+        return value
+    raise ConfigError("configuration.jwks: expected a JWKS object")
+
+
+def load_config(path: str | Path, *, expect_sha256: str | None = None) -> AgentConfig:
+    """Read a ``cube-agent-config/1`` JSON file (unknown keys are an error). With
+    ``expect_sha256`` (hex), the file's bytes must hash to exactly that, or it is refused; the
+    bytes checked are the bytes parsed (read once)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    if expect_sha256 is not None:
+        expected = expect_sha256.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise ConfigError("the expected configuration sha256 must be 64 hex digits")
+        actual = config_file_sha256(data)
+        if not hmac.compare_digest(actual, expected):
+            raise ConfigError(
+                f"configuration {path} has sha256 {actual}, but {expected} is required "
+                "(cube.config_sha256= on the measured kernel command line): refusing to start"
+            )
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: bytes, *, source: str = "") -> AgentConfig:
+    """Parse the bytes of a ``cube-agent-config/1`` JSON document."""
     reader = ObjectReader(
         loads_object(data, what="configuration", error=ConfigError),
         what="configuration",
@@ -169,6 +214,8 @@ def load_config(path: str | Path) -> AgentConfig:
             if not isinstance(value, list) or not all(type(v) is int for v in value):
                 raise ConfigError("configuration.tpm_pcrs: expected a list of integers")
             value = tuple(value)
+        elif f.name == "jwks":
+            value = None if value is None else _canonical_jwks(value)
         elif f.name == "tls_names":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError("configuration.tls_names: expected a list of strings")
@@ -183,4 +230,4 @@ def load_config(path: str | Path) -> AgentConfig:
             raise ConfigError(f"configuration.{f.name}: expected a string")
         values[f.name] = value
     reader.finish()
-    return replace(defaults, **values, source=str(path))
+    return replace(defaults, **values, source=source)

@@ -48,7 +48,7 @@ from agent.metrics import AgentMetrics
 from attestation.errors import AttestationError, CollectionError
 from attestation.evidence import EvidenceCollector
 from attestation.guest import ConfigfsTsm, TeeDevice, detect_tee
-from attestation.tpm.device import TpmQuoter
+from attestation.tpm.device import DEFAULT_EVENT_LOG, TpmQuoter
 
 __all__ = [
     "EXIT_CONFIG",
@@ -136,7 +136,14 @@ def detect_platform(
         raise StartupError(f"cannot use the TEE: {exc}") from exc
     quoter = None
     if config.tpm is not None:
-        quoter = TpmQuoter(config.tpm)
+        # A local TPM device comes with the firmware's event log (measured boot), which a
+        # verifier replays against the quoted PCRs; a TCP/socket TPM (swtpm in tests) has none.
+        event_log = (
+            DEFAULT_EVENT_LOG
+            if config.tpm.startswith("device:") and DEFAULT_EVENT_LOG.exists()
+            else None
+        )
+        quoter = TpmQuoter(config.tpm, event_log=event_log)
         try:
             quoter.ak_public()  # opens the TPM and creates the AK: fail now, not per request
         except AttestationError as exc:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import click
 
 from attestation.cli import attest
+from cube.chat import chat
+from cube.measure.cli import measure
+from cube.verify_cli import verify
 from proxy.admin_cli import admin
 
 
@@ -20,7 +23,14 @@ def cube() -> None:
 
 cube.add_command(attest)
 cube.add_command(admin)
+cube.add_command(verify)
+cube.add_command(measure)
+cube.add_command(chat)
 
 
 def main() -> None:
     cube(prog_name="cube", auto_envvar_prefix="CUBE")
+
+
+if __name__ == "__main__":
+    main()

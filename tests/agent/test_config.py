@@ -93,6 +93,7 @@ def test_digest_is_canonical_and_covers_every_measured_field() -> None:
         "jwt_audience": "domain-b",
         "jwks_file": "/other.json",
         "jwks_url": "https://issuer.test/jwks",
+        "jwks": '{"keys":[]}',
         "tee": "sim-tdx",
         "tpm": "swtpm:port=2321",
         "tpm_pcrs": (0, 1),

@@ -1,0 +1,143 @@
+"""``cube measure BUILD_DIR``: reference values and a policy from an image build.
+
+Exit codes: 0 written, 2 usage, 3 the build directory cannot be measured (missing, malformed or
+inconsistent input; the message says which). No input produces a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cube.measure._compute import DEFAULT_PCRS, MeasureError, MeasureOptions, measure_build
+from cube.measure._snp import find_sev_snp_measure
+
+EXIT_UNMEASURABLE = 3
+_VCPU_TYPES = ("EPYC", "EPYC-v4", "EPYC-Rome", "EPYC-Milan", "EPYC-Genoa")
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{what}: expected comma-separated integers") from None
+    if not values:
+        raise click.BadParameter(f"{what}: empty list")
+    return values
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@click.command("measure")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="policy file to write (default BUILD_DIR/policy.json)",
+)
+@click.option(
+    "--measurements",
+    "measurements_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="measurements file to write (default BUILD_DIR/measurements.json)",
+)
+@click.option(
+    "--pcrs",
+    default=",".join(str(p) for p in DEFAULT_PCRS),
+    show_default=True,
+    help="vTPM PCRs (sha256 bank) to pin in the policy",
+)
+@click.option(
+    "--kernel-load-measured/--kernel-load-not-measured",
+    default=True,
+    show_default=True,
+    help="PCR 4 also holds the embedded kernel's Authenticode hash (systemd-stub 257 loads it "
+    "through LoadImage; newer stubs with Secure Boot off do not)",
+)
+@click.option(
+    "--require-event-log/--no-require-event-log",
+    default=True,
+    show_default=True,
+    help="policy.vtpm.require_event_log: the quote's PCRs must replay from the firmware event log",
+)
+@click.option(
+    "--pcr11-phases",
+    default="",
+    help="systemd-pcrphase strings the image extends into PCR 11 before the agent quotes, "
+    "colon-separated (e.g. enter-initrd:leave-initrd:sysinit:ready); default none",
+)
+@click.option(
+    "--ovmf",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="SEV-SNP capable OVMF (scripts/build-ovmf); without it SNP is not computed",
+)
+@click.option("--vcpus", default="1,2,4", show_default=True, help="SNP: vCPU counts")
+@click.option(
+    "--vcpu-type",
+    "vcpu_types",
+    default="EPYC-v4,EPYC-Milan,EPYC-Genoa",
+    show_default=True,
+    help="SNP: vCPU types (sev-snp-measure names)",
+)
+@click.option(
+    "--sev-snp-measure",
+    "sev_snp_measure",
+    default=None,
+    help="path of sev-snp-measure (default: the scripts/setup-sev-snp-measure venv, then PATH)",
+)
+def measure(
+    *,
+    build_dir: Path,
+    out: Path | None,
+    measurements_out: Path | None,
+    pcrs: str,
+    kernel_load_measured: bool,
+    require_event_log: bool,
+    pcr11_phases: str,
+    ovmf: Path | None,
+    vcpus: str,
+    vcpu_types: str,
+    sev_snp_measure: str | None,
+) -> None:
+    """Compute the reference values of an image build (cube.efi, agent-config.json,
+    model-volume.json in BUILD_DIR) and write measurements.json and a cube-policy/1 policy
+    (plus policy-sev-snp.json when SEV-SNP measurements are computed)."""
+    types = tuple(t.strip() for t in vcpu_types.split(",") if t.strip())
+    bad = [t for t in types if t not in _VCPU_TYPES]
+    if bad or not types:
+        raise click.BadParameter(f"unknown vCPU type(s) {bad}; known: {', '.join(_VCPU_TYPES)}")
+    options = MeasureOptions(
+        pcrs=_int_list(pcrs, "--pcrs"),
+        kernel_load_measured=kernel_load_measured,
+        pcr11_phases=tuple(p for p in pcr11_phases.split(":") if p),
+        require_event_log=require_event_log,
+        ovmf=ovmf,
+        sev_snp_measure=find_sev_snp_measure(sev_snp_measure) if ovmf is not None else None,
+        vcpus=_int_list(vcpus, "--vcpus"),
+        vcpu_types=types,
+    )
+    try:
+        result = measure_build(build_dir, options)
+    except MeasureError as exc:
+        click.echo(f"cube measure: {exc}", err=True)
+        sys.exit(EXIT_UNMEASURABLE)
+    policy_path = out or build_dir / "policy.json"
+    measurements_path = measurements_out or build_dir / "measurements.json"
+    _write(measurements_path, result.dumps())
+    _write(policy_path, result.policy.dumps())
+    click.echo(f"measurements: {measurements_path}")
+    click.echo(f"policy:       {policy_path}")
+    if result.snp_policy is not None:
+        snp_path = policy_path.with_name(policy_path.stem + "-sev-snp.json")
+        _write(snp_path, result.snp_policy.dumps())
+        click.echo(f"SEV-SNP:      {snp_path}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
