@@ -7,7 +7,7 @@ TYPED  := attestation agent proxy cube cube_client
 export CUBE_CACHE ?= $(HOME)/.cache/cube
 TINY_MODEL := $(CUBE_CACHE)/models/cube-tiny
 
-.PHONY: setup vllm lint test test-fast bench bench-agent demo clean
+.PHONY: setup vllm lint test test-fast bench bench-agent demo demo-stop clean
 
 setup:
 	@scripts/bootstrap
@@ -24,7 +24,7 @@ lint: setup
 
 # The README's test command: lint, types, and every test including the slow end-to-end ones.
 test: lint vllm
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=12
 
 # Fast tests only (no real processes, no VM).
 test-fast: setup
@@ -39,6 +39,10 @@ bench-agent: setup vllm
 
 demo: setup
 	@scripts/demo
+
+# Stop what `make demo` left running.
+demo-stop:
+	@scripts/demo stop
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

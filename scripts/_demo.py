@@ -524,7 +524,7 @@ export CUBE_API_KEY=$(cat {pat_file})
         "The agent runs on a SIMULATED SEV-SNP guest: Cube's simulator stands in for the TEE, so\n"
         "this demonstrates the protocol, not confidentiality. Continue, Ollama, OpenAI clients:\n"
         f"docs/clients.md. Logs and state: {STATE}\n"
-        "Stop everything: scripts/demo stop",
+        "Stop everything: scripts/demo stop  (or: make demo-stop)",
         flush=True,
     )
 

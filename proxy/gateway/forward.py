@@ -106,6 +106,8 @@ _STREAM_TYPES: Final = ("text/event-stream", "application/x-ndjson")
 E2E_CONTENT_TYPE: Final = "application/cube-e2e"
 E2E_MODEL_HEADER: Final = "Cube-E2E-Model"
 E2E_AGENT_HEADER: Final = "Cube-E2E-Agent"
+#: The OpenAI stream's last event.
+_STREAM_END: Final = b"data: [DONE]"
 _MAX_MODEL_NAME: Final = 200
 
 
@@ -126,6 +128,9 @@ class Exchange:
     limits: DomainLimits | None = None
     added: str | None = None
     finished: bool = False
+    #: A stream's last event ("data: [DONE]") was written: a client closing after it (as the
+    #: openai SDK does) received the whole answer, which is audited as such, not as 499.
+    delivered: bool = False
 
     def added_ms(self) -> str:
         """The proxy's own time so far (frozen once the response headers are written)."""
@@ -412,10 +417,14 @@ async def _relay(
             try:
                 await response.write(chunk)
             except ConnectionError:
-                ex.status = _STATUS_CLIENT_CLOSED
-                ex.detail = "client disconnected"
+                if not ex.delivered:
+                    ex.status = _STATUS_CLIENT_CLOSED
+                    ex.detail = "client disconnected"
                 ex.usage = scanner.finish()
                 return response
+            if not ex.delivered and _STREAM_END in chunk:
+                ex.delivered = True
+                ex.usage = scanner.finish()  # the answer is whole: its usage is known now
     except UpstreamError:
         # The agent went away mid-stream: end the client's connection without a clean end of
         # stream, so it cannot take a truncated answer for a complete one.
@@ -438,7 +447,9 @@ async def _relay(
     try:
         await response.write_eof()
     except ConnectionError:
-        ex.status = _STATUS_CLIENT_CLOSED
+        # Every byte the agent sent was written; only the chunked-encoding terminator did not go
+        # out (the client closed after the last event): a delivered answer, not a 499.
+        ex.detail = "client closed before the end of the chunked stream"
     return response
 
 
@@ -587,8 +598,11 @@ async def _serve(
     except GatewayError as error:
         response = _error(ex, error)
     except asyncio.CancelledError:
-        ex.status = _STATUS_CLIENT_CLOSED
-        ex.detail = "client disconnected"
+        if not ex.delivered:
+            ex.status = _STATUS_CLIENT_CLOSED
+            ex.detail = "client disconnected"
+        else:
+            ex.detail = "client closed after the last event"
         raise
     finally:
         waiter = _finish(request, gw, ex)

@@ -166,6 +166,7 @@ class FakeOpenAI(_FakeServer):
     - ``error``: ``(status, body, content_type)`` to answer every request with.
     - ``hold``: if set, every request waits for it before answering at all (``held`` is set
       while it waits).
+    - ``linger``: seconds a stream stays open after its last event before it ends.
 
     Signals: ``stream_started`` (first event written), ``last_sent`` (set just before the last
     event is written), ``held`` (a request is waiting on ``hold``), ``cancelled`` (a handler
@@ -196,6 +197,7 @@ class FakeOpenAI(_FakeServer):
         self.die_before_response = False
         self.reset_reused = False
         self.close_after_stream = False
+        self.linger = 0.0
         self.error: tuple[int, bytes, str] | None = None
         self.resets = 0
         self.received.clear()
@@ -377,6 +379,8 @@ class FakeOpenAI(_FakeServer):
                         await self.gate.wait()
                 elif self.delay:
                     await asyncio.sleep(self.delay)
+            if self.linger:
+                await asyncio.sleep(self.linger)
         except (asyncio.CancelledError, ConnectionError):
             self.cancelled.set()
             raise

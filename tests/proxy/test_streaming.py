@@ -113,6 +113,38 @@ def test_client_disconnect_stops_the_backend(
     assert row.status == 499 and row.detail == "client disconnected"
 
 
+def test_a_client_closing_after_the_last_event_got_the_whole_answer(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    """The openai SDK closes as soon as it has read ``data: [DONE]``, possibly before the
+    stream's chunked end arrives: that answer was delivered, and is audited as a 200 with its
+    usage (a race that once showed up as a 499 row in CI)."""
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.linger = 2.0  # the backend keeps the stream open after [DONE]
+    payload = {**CHAT, "stream_options": {"include_usage": True}}
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, payload)
+    events = list(_until_done(sse_events(response)))
+    assert events[-1] == b"data: [DONE]"
+    conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    conn.close()
+    assert fake_openai.cancelled.wait(10), "the backend was not told to stop"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [r for r in directory.audits if r.event == "request"]:
+        time.sleep(0.05)
+        server.flush()
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert row.status == 200, row.detail
+    assert row.prompt_tokens is not None and row.completion_tokens is not None
+
+
+def _until_done(events: Iterator[bytes]) -> Iterator[bytes]:
+    for event in events:
+        yield event
+        if event == b"data: [DONE]":
+            return
+
+
 def test_long_streams_are_not_cut(
     directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
