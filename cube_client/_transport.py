@@ -294,8 +294,16 @@ class _DecryptedStream(httpx2.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         with _mapped_errors():
-            for chunk in self._inner:
+            chunks = iter(self._inner)
+            for chunk in chunks:
                 plain = self._decoder.feed(chunk)
+                if self._decoder.ended:
+                    # Read the HTTP response to its end before handing over the last events: a
+                    # caller that stops at "data: [DONE]" then closes a finished exchange, not one
+                    # still in flight (which the proxy would audit as abandoned), and anything
+                    # after the end marker is refused.
+                    for rest in chunks:
+                        self._decoder.feed(rest)
                 if plain:
                     yield plain
         self._decoder.finish()
@@ -441,8 +449,13 @@ class _AsyncDecryptedStream(httpx2.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _mapped_errors():
-            async for chunk in self._inner:
+            chunks = aiter(self._inner)
+            async for chunk in chunks:
                 plain = self._decoder.feed(chunk)
+                if self._decoder.ended:
+                    # As in _DecryptedStream: the response is read to its end first.
+                    async for rest in chunks:
+                        self._decoder.feed(rest)
                 if plain:
                     yield plain
         self._decoder.finish()
