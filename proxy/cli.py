@@ -44,6 +44,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import CONFIG_ENV, OPTIONS, ConfigError, ProxyConfig, effective_config
+from proxy.gateway import EdgeSite
 
 __all__ = ["build_parser", "main", "serve"]
 
@@ -136,7 +137,7 @@ async def serve(
     except StartupError as exc:
         raise StartError(str(exc)) from None
     try:
-        site = web.TCPSite(
+        site = EdgeSite(
             runner,
             config.host,
             config.port,
@@ -306,7 +307,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     from proxy.gateway.ops import configure_logging
 
-    configure_logging(config.log_level)
+    # The access log is a line per request: written in batches (cube/_logging.py says why).
+    configure_logging(config.log_level, batch_seconds=0.2)
     worker = None
     if args.worker_index is not None:
         if not args.worker_count or not args.worker_shared:

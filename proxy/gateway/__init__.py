@@ -4,6 +4,8 @@ Modules, one concern each:
 
 - :mod:`proxy.gateway.settings`  tunables
 - :mod:`proxy.gateway.service`   the :class:`Gateway` state and its lifecycle, health checks
+- :mod:`proxy.gateway.edge`      the listening side: a lean HTTP/1.1 fast path for forwarding,
+                                  aiohttp for everything else
 - :mod:`proxy.gateway.forward`   routes and the forwarding exchange
 - :mod:`proxy.gateway.attest`    the attestation gate (evidence, policy, certificate pin)
 - :mod:`proxy.gateway.agents`    agents per domain, their state, load balancing
@@ -21,6 +23,7 @@ from aiohttp import web
 
 from proxy.directory import Directory
 from proxy.gateway import forward, ops
+from proxy.gateway.edge import EdgeSite
 from proxy.gateway.forward import PROXY_MS_HEADER
 from proxy.gateway.metrics import METRICS, GatewayMetrics
 from proxy.gateway.service import GATEWAY, Gateway
@@ -30,6 +33,7 @@ __all__ = [
     "GATEWAY",
     "METRICS",
     "PROXY_MS_HEADER",
+    "EdgeSite",
     "Gateway",
     "GatewayMetrics",
     "GatewaySettings",

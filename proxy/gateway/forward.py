@@ -28,11 +28,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.directory import RESERVED_ALIASES, AuditRecord, AuthError, Caller, DomainLimits
 from proxy.gateway.agents import Agent, AgentFailure, Trust
@@ -143,8 +143,33 @@ class Exchange:
 # -- request parsing -----------------------------------------------------------------------------
 
 
-def _bearer(request: web.Request) -> str:
-    header = request.headers.get(hdrs.AUTHORIZATION)
+@dataclass(slots=True)
+class Incoming:
+    """What forwarding needs of a client's request, whichever front end parsed it (aiohttp's
+    handlers here, or the fast path in :mod:`proxy.gateway.edge`)."""
+
+    method: str
+    #: The path as the client encoded it (no query).
+    raw_path: str
+    #: The raw query string ("" without one).
+    query: str
+    headers: MultiMapping[str]
+    request_id: str
+
+
+def incoming(request: web.Request) -> Incoming:
+    """An aiohttp request as :class:`Incoming`."""
+    return Incoming(
+        method=request.method,
+        raw_path=request.rel_url.raw_path,
+        query=request.rel_url.raw_query_string,
+        headers=request.headers,
+        request_id=request[REQUEST_ID],
+    )
+
+
+def _bearer(inc: Incoming) -> str:
+    header = inc.headers.get(hdrs.AUTHORIZATION)
     if header is None:
         raise GatewayError(
             401,
@@ -164,8 +189,8 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
-async def _authenticate(gw: Gateway, request: web.Request, alias: str | None) -> Caller:
-    bearer = _bearer(request)
+async def _authenticate(gw: Gateway, inc: Incoming, alias: str | None) -> Caller:
+    bearer = _bearer(inc)
     try:
         caller = await gw.cache.authenticate(bearer, alias)
     except AuthError as exc:
@@ -197,14 +222,14 @@ def _model_of(data: object, ollama: bool) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def _is_e2e(request: web.Request) -> bool:
-    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+def _is_e2e(inc: Incoming) -> bool:
+    content_type = inc.headers.get(hdrs.CONTENT_TYPE, "")
     return content_type.split(";", 1)[0].strip().lower() == E2E_CONTENT_TYPE
 
 
-def _header_model(request: web.Request, *, required: bool) -> str | None:
+def _header_model(inc: Incoming, *, required: bool) -> str | None:
     """The model named by ``Cube-E2E-Model`` (routing metadata of an encrypted request)."""
-    value = request.headers.get(E2E_MODEL_HEADER)
+    value = inc.headers.get(E2E_MODEL_HEADER)
     if value is None or not value.strip():
         if required:
             raise GatewayError(
@@ -219,14 +244,14 @@ def _header_model(request: web.Request, *, required: bool) -> str | None:
     return value
 
 
-async def _request_model(request: web.Request, body: bytes, ollama: bool) -> str | None:
+async def _request_model(inc: Incoming, body: bytes, ollama: bool) -> str | None:
     """The model a request is for: from its JSON body, or (an encrypted body, or one that is
     not JSON) from the ``Cube-E2E-Model`` header."""
-    if _is_e2e(request):
-        return _header_model(request, required=True)  # the body is never parsed
+    if _is_e2e(inc):
+        return _header_model(inc, required=True)  # the body is never parsed
     model = await _read_model(body, ollama)
     if model is None:
-        return _header_model(request, required=False)
+        return _header_model(inc, required=False)
     return model
 
 
@@ -246,24 +271,23 @@ async def _read_model(body: bytes, ollama: bool) -> str | None:
 _BAD_ESCAPES: Final = ("%2e", "%2f", "%5c", "%00")
 
 
-def _target(request: web.Request, alias: str | None, tail: str) -> str:
+def _target(inc: Incoming, alias: str | None, tail: str) -> str:
     """The request target for the agent: the path after the domain, as the client encoded it,
     and the query. Paths that could be read as another resource are refused."""
     if "\\" in tail or ("." in tail and any(s in (".", "..") for s in tail.split("/"))):
         raise GatewayError(400, "invalid path", code="invalid_path")
-    raw = request.rel_url.raw_path
+    raw = inc.raw_path
     if alias is not None:
         raw = "/" + raw.split("/", 2)[2]
     if "%" in raw and any(bad in raw.lower() for bad in _BAD_ESCAPES):
         raise GatewayError(400, "invalid path", code="invalid_path")
-    query = request.rel_url.raw_query_string
-    return f"{raw}?{query}" if query else raw
+    return f"{raw}?{inc.query}" if inc.query else raw
 
 
-def _upstream_headers(request: web.Request, token: str) -> list[tuple[str, str]]:
+def _upstream_headers(inc: Incoming, token: str) -> list[tuple[str, str]]:
     out = [
         (name, value)
-        for name, value in request.headers.items()
+        for name, value in inc.headers.items()
         if not (
             (lower := name.lower()) in _NOT_FORWARDED or lower.startswith(_NOT_FORWARDED_PREFIXES)
         )
@@ -272,19 +296,40 @@ def _upstream_headers(request: web.Request, token: str) -> list[tuple[str, str]]
     ]
     out.append(("Authorization", f"Bearer {token}"))
     out.append(("Accept-Encoding", "identity"))
-    out.append(("X-Request-Id", request[REQUEST_ID]))
+    out.append(("X-Request-Id", inc.request_id))
     return out
 
 
-def _response_headers(upstream: UpstreamResponse, agent: Agent, trust: Trust) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
+def response_headers(
+    upstream: UpstreamResponse, agent: Agent, trust: Trust
+) -> list[tuple[str, str]]:
+    """The agent's response headers a client gets (a fixed list), and the proxy's own."""
+    out: list[tuple[str, str]] = []
     for name in _RESPONSE_HEADERS:
         value = upstream.headers.get(name)
-        if value is not None:
-            out[name] = value
-    out["X-Cube-Agent"] = agent.id
-    out["X-Cube-Evidence"] = trust.evidence_digest
+        if value is not None and "\r" not in value and "\n" not in value:
+            out.append((name, value))
+    out.append(("X-Cube-Agent", agent.id))
+    out.append(("X-Cube-Evidence", trust.evidence_digest))
     return out
+
+
+def is_stream(upstream: UpstreamResponse) -> bool:
+    """Relayed event by event (SSE, NDJSON) rather than read whole."""
+    return upstream.headers.get(hdrs.CONTENT_TYPE, "").lower().startswith(_STREAM_TYPES)
+
+
+def whole_usage(upstream: UpstreamResponse, body: bytes) -> Usage | None:
+    """Token usage of a whole (non-streamed) answer: the ``Cube-Usage`` header (end-to-end
+    encrypted answers), else the body's usage fields."""
+    if upstream.status >= 300:
+        return None
+    header = upstream.headers.get(USAGE_HEADER)
+    if header is not None:
+        return parse_usage_header(header)
+    if upstream.headers.get(hdrs.CONTENT_TYPE, "").lower().startswith(E2E_CONTENT_TYPE):
+        return None
+    return UsageScanner().whole(body)
 
 
 # -- the exchange --------------------------------------------------------------------------------
@@ -374,6 +419,19 @@ async def _open(
         return response, trust
 
 
+async def read_whole(ex: Exchange, upstream: UpstreamResponse, agent: Agent) -> bytes:
+    """A non-streamed answer's body (the wait counted as the agent's time)."""
+    t0 = time.perf_counter()
+    try:
+        return await upstream.read()
+    except UpstreamError:
+        raise GatewayError(
+            502, f"agent {agent.id} failed while answering", code="agent_disconnected"
+        ) from None
+    finally:
+        ex.upstream_wait += time.perf_counter() - t0
+
+
 async def _relay(
     request: web.Request,
     gw: Gateway,
@@ -383,29 +441,15 @@ async def _relay(
     agent: Agent,
     trust: Trust,
 ) -> web.StreamResponse:
-    headers = _response_headers(upstream, agent, trust)
-    content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "").lower()
-    scanner = UsageScanner()
+    headers = CIMultiDict(response_headers(upstream, agent, trust))
     ex.status = upstream.status
-    if not content_type.startswith(_STREAM_TYPES):
-        t0 = time.perf_counter()
-        try:
-            body = await upstream.read()
-        except UpstreamError:
-            ex.upstream_wait += time.perf_counter() - t0
-            raise GatewayError(
-                502, f"agent {agent.id} failed while answering", code="agent_disconnected"
-            ) from None
-        ex.upstream_wait += time.perf_counter() - t0
-        if upstream.status < 300:
-            header = upstream.headers.get(USAGE_HEADER)
-            if header is not None:
-                ex.usage = parse_usage_header(header)
-            elif not content_type.startswith(E2E_CONTENT_TYPE):
-                ex.usage = scanner.whole(body)
+    if not is_stream(upstream):
+        body = await read_whole(ex, upstream, agent)
+        ex.usage = whole_usage(upstream, body)
         headers[PROXY_MS_HEADER] = ex.added_ms()
         return web.Response(body=body, status=upstream.status, headers=headers)
 
+    scanner = UsageScanner()
     headers[hdrs.CACHE_CONTROL] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     headers[PROXY_MS_HEADER] = ex.added_ms()
@@ -436,7 +480,7 @@ async def _relay(
     ex.usage = scanner.finish()
     if gw.settings.durable_audit:
         # The stream's clean end is withheld until its audit row is committed.
-        waiter = _finish(request, gw, ex)
+        waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
         if waiter is not None:
             try:
                 await waiter
@@ -453,19 +497,27 @@ async def _relay(
     return response
 
 
-async def _forward(
-    request: web.Request,
-    gw: Gateway,
-    ex: Exchange,
-    *,
-    candidates: list[Agent],
-    policy: LoadedPolicy,
-    target: str,
-    body: bytes | None,
-    headers: list[tuple[str, str]],
-) -> web.StreamResponse:
+R = TypeVar("R")
+#: Relays an agent's answer to the client: (response with headers read, agent, trust).
+Relay = Callable[[UpstreamResponse, Agent, Trust], Awaitable[R]]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request that passed authentication, scope and admission: where and what to send."""
+
+    candidates: list[Agent]
+    policy: LoadedPolicy
+    target: str
+    body: bytes | None
+    headers: list[tuple[str, str]]
+
+
+async def forward(gw: Gateway, ex: Exchange, method: str, prep: Prepared, relay: Relay[R]) -> R:
+    """Send ``prep`` to its agents in order (failing over before the first byte) and relay the
+    answer of the first that takes it."""
     failures: list[AgentFailure] = []
-    for index, agent in enumerate(gw.pool.order(candidates)):
+    for index, agent in enumerate(gw.pool.order(prep.candidates)):
         if index:
             gw.metrics.failovers.inc()
         agent.in_flight += 1
@@ -476,18 +528,18 @@ async def _forward(
                     gw,
                     ex,
                     agent,
-                    policy=policy,
-                    method=request.method,
-                    target=target,
-                    body=body,
-                    headers=headers,
+                    policy=prep.policy,
+                    method=method,
+                    target=prep.target,
+                    body=prep.body,
+                    headers=prep.headers,
                 )
             except AgentFailure as failure:
                 failures.append(failure)
                 continue
             ex.agent, ex.trust = agent, trust
             agent.last_used = time.monotonic()
-            return await _relay(request, gw, ex, upstream, agent=agent, trust=trust)
+            return await relay(upstream, agent, trust)
         finally:
             agent.in_flight -= 1
             if upstream is not None:
@@ -498,9 +550,10 @@ async def _forward(
     raise _no_agent(failures)
 
 
-def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> asyncio.Future[None] | None:
-    """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits).
-    With ``durable_audit``, the future that is done once the audit row is committed."""
+def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Future[None] | None:
+    """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits);
+    ``fields`` gets the access-log facts. With ``durable_audit``, the future that is done once
+    the audit row is committed."""
     if ex.finished:
         return None
     ex.finished = True
@@ -509,7 +562,6 @@ def _finish(request: web.Request, gw: Gateway, ex: Exchange) -> asyncio.Future[N
     latency = (time.perf_counter() - ex.started) * 1000
     route = ex.route
     observe_request(gw.metrics, route, ex.status, float(ex.added_ms()))
-    fields = request.setdefault(LOG_FIELDS, {})
     if caller is None:
         return None
     fields["domain"] = caller.domain_alias
@@ -571,64 +623,112 @@ async def _durably(
     return response
 
 
-def _error(ex: Exchange, error: GatewayError) -> web.Response:
+def record_error(ex: Exchange, error: GatewayError) -> None:
+    """The exchange's outcome is ``error`` (status, and a detail for the audit row)."""
     ex.status = error.status
     if ex.detail is None and error.status >= 500:
         ex.detail = error.message[:1000]
     elif ex.detail is None:
         ex.detail = error.code
+
+
+def _error(ex: Exchange, error: GatewayError) -> web.Response:
+    record_error(ex, error)
     response = error.response()
     response.headers[PROXY_MS_HEADER] = ex.added_ms()
     return response
 
 
-def _route_name(path: str) -> str:
+def route_name(path: str) -> str:
     return path if len(path) <= _MAX_ROUTE else path[:_MAX_ROUTE]
+
+
+def client_gone(ex: Exchange) -> None:
+    """The client went away (the request was cancelled): 499, unless the whole answer was
+    written already."""
+    if not ex.delivered:
+        ex.status = _STATUS_CLIENT_CLOSED
+        ex.detail = "client disconnected"
+    else:
+        ex.detail = "client closed after the last event"
 
 
 async def _serve(
     request: web.Request, alias: str | None, prefix: str, tail: str, *, ollama: bool
 ) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    path = prefix + tail
-    ex = Exchange(route=_route_name(path))
+    ex = Exchange(route=route_name(prefix + tail))
+    inc = incoming(request)
     waiter: asyncio.Future[None] | None = None
     try:
-        response = await _exchange(request, gw, ex, alias, tail, ollama=ollama)
+        prep = await prepare(gw, ex, inc, alias, tail, ollama=ollama, read_body=request.read)
+        response = await forward(
+            gw,
+            ex,
+            request.method,
+            prep,
+            lambda upstream, agent, trust: _relay(
+                request, gw, ex, upstream, agent=agent, trust=trust
+            ),
+        )
     except GatewayError as error:
         response = _error(ex, error)
+    except web.HTTPRequestEntityTooLarge:
+        response = _error(
+            ex, GatewayError(413, "the request body is too large", code="body_too_large")
+        )
     except asyncio.CancelledError:
-        if not ex.delivered:
-            ex.status = _STATUS_CLIENT_CLOSED
-            ex.detail = "client disconnected"
-        else:
-            ex.detail = "client closed after the last event"
+        client_gone(ex)
         raise
     finally:
-        waiter = _finish(request, gw, ex)
+        waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
     return await _durably(request, response, waiter)
 
 
-async def _exchange(
-    request: web.Request, gw: Gateway, ex: Exchange, alias: str | None, tail: str, *, ollama: bool
-) -> web.StreamResponse:
-    target = _target(request, alias, tail)
-    if request.method not in ("GET", "POST"):
-        raise GatewayError(405, f"method {request.method} is not supported", code="bad_method")
-    ex.caller = caller = await _authenticate(gw, request, alias)
+async def prepare(
+    gw: Gateway,
+    ex: Exchange,
+    inc: Incoming,
+    alias: str | None,
+    tail: str,
+    *,
+    ollama: bool,
+    read_body: Callable[[], Awaitable[bytes]],
+) -> Prepared:
+    """Everything before the agent is contacted: path, method, credential, body, model scope,
+    rate limits, the domain's policy and agents, and the token the agent gets."""
+    target = _target(inc, alias, tail)
+    if inc.method not in ("GET", "POST"):
+        raise GatewayError(405, f"method {inc.method} is not supported", code="bad_method")
+    ex.caller = caller = await _authenticate(gw, inc, alias)
     body: bytes | None = None
-    if request.method == "POST":
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(
-                413, "the request body is too large", code="body_too_large"
-            ) from None
-        ex.model = await _request_model(request, body, ollama)
+    if inc.method == "POST":
+        body = await read_body()
+        ex.model = await _request_model(inc, body, ollama)
     if ex.model is not None and not caller.may_use_model(ex.model):
         raise GatewayError(
             403, f"this credential may not use the model {ex.model!r}", code="model_forbidden"
         )
+    ex.limits = await _admit(gw, caller)
+    policy = await gw.load_policy(caller.domain_id)
+    agents = await gw.agents(caller.domain_id)
+    candidates = [a for a in agents if a.serves(ex.model, ollama=ollama)]
+    if not candidates:
+        if not [a for a in agents if a.spec.enabled]:
+            raise GatewayError(503, "this domain has no backends", code="no_backends")
+        what = f"the model {ex.model!r}" if ex.model else "this API"
+        raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
+    if _is_e2e(inc):
+        candidates = _sealed_for(inc, candidates)
+    try:
+        token = gw.forward_token(caller, ex.model)
+    except AuthError as exc:
+        raise GatewayError(exc.status, exc.message, code=exc.code) from None
+    return Prepared(candidates, policy, target, body, _upstream_headers(inc, token))
+
+
+async def _admit(gw: Gateway, caller: Caller) -> DomainLimits:
+    """The domain's limits, once the request fits under them (else 429 with Retry-After)."""
     limits = await gw.cache.limits(caller.domain_id)
     try:
         gw.limiter.admit(caller, limits)
@@ -641,40 +741,15 @@ async def _exchange(
             code="rate_limited",
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
-    ex.limits = limits
-    policy = await gw.load_policy(caller.domain_id)
-    agents = await gw.agents(caller.domain_id)
-    candidates = [a for a in agents if a.serves(ex.model, ollama=ollama)]
-    if not candidates:
-        if not [a for a in agents if a.spec.enabled]:
-            raise GatewayError(503, "this domain has no backends", code="no_backends")
-        what = f"the model {ex.model!r}" if ex.model else "this API"
-        raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
-    if _is_e2e(request):
-        candidates = _sealed_for(request, candidates)
-    try:
-        token = gw.forward_token(caller, ex.model)
-    except AuthError as exc:
-        raise GatewayError(exc.status, exc.message, code=exc.code) from None
-    headers = _upstream_headers(request, token)
-    return await _forward(
-        request,
-        gw,
-        ex,
-        candidates=candidates,
-        policy=policy,
-        target=target,
-        body=body,
-        headers=headers,
-    )
+    return limits
 
 
-def _sealed_for(request: web.Request, candidates: list[Agent]) -> list[Agent]:
+def _sealed_for(inc: Incoming, candidates: list[Agent]) -> list[Agent]:
     """A sealed body opens only at the agent whose HPKE key the client verified: the client
     names it in ``Cube-E2E-Agent`` (an earlier ``X-Cube-Agent``). Route there, without failover
     to agents that could not open it; an unknown id falls back to every candidate (that agent
     answers 421 and the client verifies again)."""
-    wanted = request.headers.get(E2E_AGENT_HEADER)
+    wanted = inc.headers.get(E2E_AGENT_HEADER)
     if wanted:
         chosen = [a for a in candidates if a.id == wanted]
         if chosen:
@@ -717,7 +792,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
     alias = _domain(request)
     ex = Exchange(route="attestation")
     try:
-        ex.caller = caller = await _authenticate(gw, request, alias)
+        ex.caller = caller = await _authenticate(gw, incoming(request), alias)
         nonces = request.query.getall("nonce", [])
         if len(nonces) != 1:
             raise GatewayError(
@@ -725,14 +800,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
                 "give exactly one 'nonce' query parameter (hex, 32 to 64 bytes)",
                 code="invalid_nonce",
             )
-        limits = await gw.cache.limits(caller.domain_id)
-        try:
-            gw.limiter.admit(caller, limits)
-        except LimitExceeded as exc:
-            gw.metrics.rate_limited.labels(limit=exc.which).inc()
-            raise GatewayError(
-                429, str(exc), code="rate_limited", headers={"Retry-After": str(exc.retry_after)}
-            ) from None
+        await _admit(gw, caller)
         policy = await gw.load_policy(caller.domain_id)
         agents = [a for a in await gw.agents(caller.domain_id) if a.spec.enabled]
         wanted = request.query.get("agent")
@@ -759,7 +827,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
         ex.status = _STATUS_CLIENT_CLOSED
         raise
     finally:
-        waiter = _finish(request, gw, ex)
+        waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
     return await _durably(request, response, waiter)
 
 

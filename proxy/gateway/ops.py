@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cube._logging import JsonFormatter, configure_logging
+from cube._logging import JsonFormatter, configure_logging, log_line
 from proxy.gateway.errors import json_error
 from proxy.gateway.metrics import METRICS
 
@@ -38,6 +38,7 @@ __all__ = [
     "ReadyCheck",
     "configure_logging",
     "observe_middleware",
+    "request_id_for",
     "setup",
 ]
 
@@ -62,6 +63,11 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def request_id_for(incoming: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is a short token, else a fresh id."""
+    return incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else new_request_id()
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -73,8 +79,7 @@ def _route(request: web.Request) -> str:
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else new_request_id()
+    request_id = request_id_for(request.headers.get("X-Request-Id"))
     request[REQUEST_ID] = request_id
     status = 500
     try:
@@ -108,7 +113,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             extra = request.get(LOG_FIELDS)
             if extra:
                 fields.update(extra)
-            access_log.info("request", extra={"fields": fields})
+            log_line(access_log, "request", fields)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import ssl
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from aiohttp import web
 from agent.config import AgentConfig
 from agent.server import free_port
 from proxy.app import create_app
-from proxy.gateway import GATEWAY, Gateway, GatewaySettings
+from proxy.gateway import GATEWAY, EdgeSite, Gateway, GatewaySettings
 from tests.agent.backends import FakeOpenAI, serving
 from tests.agent.conftest import ModelDir, RunningAgent, base_config, launch, write_model
 from tests.agent.tokens import TokenIssuer
@@ -69,8 +70,9 @@ class Reply:
 class ProxyServer:
     """The proxy application on a free loopback port, served from a background loop."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
+        self.ssl_context = ssl_context
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="cube-proxy", daemon=True)
         self.runner: web.AppRunner | None = None
@@ -78,7 +80,8 @@ class ProxyServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def gateway(self) -> Gateway:
@@ -90,7 +93,7 @@ class ProxyServer:
     async def _start(self) -> None:
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        await EdgeSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context).start()
         self.port = int(self.runner.addresses[0][1])
 
     def start(self) -> ProxyServer:

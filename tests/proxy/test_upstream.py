@@ -4,6 +4,9 @@ before any byte is sent, keep-alive reuse, body framings, and the failures it mu
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -234,3 +237,243 @@ def test_abandoning_a_body_closes_the_connection() -> None:
             await pool.close()
 
     run(main())
+
+
+# -- the socket-level client: large bodies, idle hang-ups, stalls, descriptors, cancellation -----
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run_on(loop: str, coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` on the standard loop or on uvloop (the proxy's loop in production)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run(coro)
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_large_bodies_cross_intact_both_ways(loop: str) -> None:
+    request_body = os.urandom(8 * 1024 * 1024)
+    answer = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            request = await read_request(reader)
+            body = request.partition(b"\r\n\r\n")[2]
+            digest = hashlib.sha256(body).hexdigest().encode()
+            if b"/big" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer))
+                writer.write(answer)
+            elif b"/chunked" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for start in range(0, len(answer), 1_000_000):
+                    piece = answer[start : start + 1_000_000]
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\n" + digest)
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            response = await pool.request(
+                server.origin, PIN, method="POST", target="/upload", body=request_body
+            )
+            assert await response.read() == hashlib.sha256(request_body).hexdigest().encode()
+            response.release()
+            # A slow reader: the client stops reading while its buffer is full, then resumes.
+            response = await pool.request(server.origin, PIN, method="GET", target="/big")
+            parts = []
+            async for part in response.chunks():
+                parts.append(part)
+                await asyncio.sleep(0.001)
+            assert b"".join(parts) == answer
+            response.release()
+            response = await pool.request(server.origin, PIN, method="GET", target="/chunked")
+            assert await response.read() == answer
+            response.release()
+            assert server.connections == 1 and pool.opened == 1
+            await pool.close()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_idle_connection_the_agent_closed_is_not_reused(loop: str) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 2:
+            # Speak unasked on the idle connection: it must not be reused either.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+            await writer.drain()
+            await reader.read(1)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if n == 1:
+            await asyncio.sleep(0.1)
+            return  # hang up while the client holds the connection idle
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def get(pool: UpstreamPool, server: Server) -> None:
+        response = await pool.request(server.origin, PIN, method="GET", target="/")
+        assert await response.read() == b"ok"
+        response.release()
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            await get(pool, server)
+            await asyncio.sleep(0.5)  # the agent hangs up meanwhile
+            await get(pool, server)  # no StaleConnection: the client saw the hang-up
+            assert (server.connections, pool.opened) == (2, 2)
+            await asyncio.sleep(0.5)  # the agent sends bytes nobody asked for
+            await get(pool, server)
+            assert (server.connections, pool.opened) == (3, 3)
+            await get(pool, server)  # an ordinary idle connection is reused
+            assert (server.connections, pool.opened) == (3, 3)
+            await pool.close()
+
+    run_on(loop, main())
+
+
+@needs_proc
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stalled_handshake_fails_within_the_connect_timeout(loop: str) -> None:
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # accept TCP, never answer the ClientHello
+
+        tcp = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = tcp.sockets[0].getsockname()[1]
+        before = open_fds()
+        pool = UpstreamPool(connect_timeout=0.5, keepalive=30)
+        started = time.monotonic()
+        with pytest.raises(ConnectFailed) as failed:
+            await pool.request(URL(f"https://127.0.0.1:{port}"), PIN, method="GET", target="/")
+        assert 0.4 < time.monotonic() - started < 2.0
+        assert "TimeoutError" in str(failed.value)
+        assert len(accepted) == 1
+        accepted[0].close()  # the server's end of the connection
+        await asyncio.sleep(0.05)
+        assert open_fds() == before
+        tcp.close()
+        await pool.close()
+
+    run_on(loop, main())
+
+
+@needs_proc
+@pytest.mark.parametrize("loop", LOOPS)
+def test_no_descriptor_leaks_across_many_connections(loop: str) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            request = await read_request(reader)
+            if b"/stream" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+                await writer.drain()
+                await reader.read(1)
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(script) as server:
+            before = open_fds()
+            for round_ in range(40):
+                pool = UpstreamPool(connect_timeout=5, keepalive=30)
+                response = await pool.request(
+                    server.origin, PIN, method="POST", target="/", body=b"x", fresh=True
+                )
+                assert await response.read() == b"ok"
+                response.release()  # back to the pool: closed by pool.close()
+                streaming = await pool.request(server.origin, PIN, method="GET", target="/stream")
+                assert await streaming.chunks().__anext__() == b"hi"
+                streaming.close()
+                with pytest.raises(CertificateMismatch):
+                    await pool.request(server.origin, bytes(32), method="GET", target="/")
+                if round_ % 10 == 0:
+                    response = await pool.request(server.origin, PIN, method="GET", target="/")
+                    await response.read()
+                    response.release()
+                    pool.forget(server.origin)
+                await pool.close()
+            await asyncio.sleep(0.2)
+            assert open_fds() <= before
+        with pytest.raises(ConnectFailed):
+            await UpstreamPool(connect_timeout=2, keepalive=1).request(
+                server.origin, PIN, method="GET", target="/"
+            )
+
+    run_on(loop, main())
+
+
+@needs_proc
+@pytest.mark.parametrize("loop", LOOPS)
+def test_cancelling_while_waiting_for_the_head_closes_the_connection(loop: str) -> None:
+    async def main() -> None:
+        hung_up = asyncio.Event()
+        got_request = asyncio.Event()
+
+        async def script(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+        ) -> None:
+            await read_request(reader)
+            got_request.set()
+            if not await reader.read(1):  # never answer; notice the client going
+                hung_up.set()
+
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            before = open_fds()
+            task = asyncio.ensure_future(
+                pool.request(server.origin, PIN, method="POST", target="/", body=b"{}")
+            )
+            await asyncio.wait_for(got_request.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(hung_up.wait(), 5)
+            assert open_fds() <= before + 1  # the server's side may linger a moment
+            await pool.close()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_early_answer_while_a_large_body_is_still_being_sent(loop: str) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # refuse without reading the 16 MiB body
+        writer.write(b"HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            response = await pool.request(
+                server.origin, PIN, method="POST", target="/", body=bytes(16 * 1024 * 1024)
+            )
+            assert response.status == 413
+            assert await response.read() == b"big"
+            response.release()
+            assert not pool._idle  # not kept: the agent asked to close
+            await pool.close()
+
+    run_on(loop, main())

@@ -1,0 +1,314 @@
+# ruff: noqa: F811 - fixtures imported from tests.proxy.harness are test parameters
+"""The listening side (proxy/gateway/edge.py): the fast path answers ordinary forwarding
+requests itself and hands everything else, at a request boundary, to aiohttp — which then
+answers exactly as it always did. Raw sockets, so the bytes on the wire are what is tested."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from proxy.app import create_app
+from tests.client_cli.conftest import self_signed
+from tests.proxy.fakes import FakeDirectory
+from tests.proxy.harness import (  # noqa: F401 - fixtures
+    TEST_SETTINGS,
+    Agents,
+    ProxyFactory,
+    ProxyServer,
+    agents,
+    directory,
+    fake_openai,
+    one_domain,
+    proxy,
+)
+
+CHAT = json.dumps({"model": "cube-tiny", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def _request(
+    path: str,
+    token: str,
+    body: bytes = CHAT,
+    *,
+    extra: str = "",
+    version: str = "HTTP/1.1",
+    method: str = "POST",
+) -> bytes:
+    head = (
+        f"{method} {path} {version}\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+class _Wire:
+    """One client connection that reads whole HTTP/1.1 responses."""
+
+    def __init__(self, server: ProxyServer, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.sock = tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls else sock
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def response(self) -> tuple[str, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError("closed before a response head")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buffer:
+                    self._fill()
+                size_line, self.buffer = self.buffer.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                while len(self.buffer) < size + 2:
+                    self._fill()
+                body += self.buffer[:size]
+                self.buffer = self.buffer[size + 2 :]
+                if size == 0:
+                    break
+        else:
+            length = int(headers.get("content-length", "0"))
+            while len(self.buffer) < length:
+                if not self._fill():
+                    break
+            body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return lines[0], headers, body
+
+    def closed_by_server(self) -> bool:
+        self.sock.settimeout(10)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def wire_for(proxy: ProxyFactory):  # type: ignore[no-untyped-def]
+    opened: list[_Wire] = []
+
+    def make(server: ProxyServer) -> _Wire:
+        wire = _Wire(server)
+        opened.append(wire)
+        return wire
+
+    yield make
+    for wire in opened:
+        wire.close()
+
+
+def test_forward_then_other_routes_on_one_connection(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    """A forwarded answer (fast path), then /health and the JWKS (aiohttp, after the hand-off),
+    then another forwarded request (aiohttp now owns the connection): all answered in order."""
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    wire.send(
+        _request(f"/{dom.alias}/v1/chat/completions", dom.pat, extra="X-Request-Id: abc12345\r\n")
+    )
+    status, headers, body = wire.response()
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body)["choices"][0]["message"]["content"]
+    assert headers["x-request-id"] == "abc12345"
+    assert headers["x-cube-agent"] == f"{dom.alias}-agent-1"
+    assert float(headers["x-cube-proxy-ms"]) >= 0
+    assert "date" in headers
+    wire.send(b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    status, _, body = wire.response()
+    assert status.startswith("HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat))
+    status, _, body = wire.response()
+    assert status.startswith("HTTP/1.1 200") and json.loads(body)["choices"]
+
+
+def test_pipelined_requests_are_answered_in_order(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    server = proxy()
+    wire = wire_for(server)
+    first = _request(
+        f"/{dom.alias}/v1/chat/completions", dom.pat, extra="X-Request-Id: first-0001\r\n"
+    )
+    second = _request(f"/{dom.alias}/v1/models", dom.pat, b"", method="GET")
+    wire.send(first + second + first.replace(b"first-0001", b"third-0003"))
+    answers = [wire.response() for _ in range(3)]
+    assert [a[0] for a in answers] == ["HTTP/1.1 200 OK"] * 3
+    assert answers[0][1]["x-request-id"] == "first-0001"
+    assert answers[2][1]["x-request-id"] == "third-0003"
+    assert json.loads(answers[1][2])["data"][0]["id"] == "cube-tiny"
+    server.flush()
+    rows = [r for r in directory.audits if r.event == "request"]
+    assert [r.status for r in rows] == [200, 200, 200]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # Another HTTP version: aiohttp serves it (and forwards it).
+        (lambda a, t: _request(f"/{a}/v1/chat/completions", t, version="HTTP/1.0"), 200),
+        # A chunked request body: aiohttp reads it; the agent gets the same JSON.
+        (
+            lambda a, t: (
+                (
+                    f"POST /{a}/v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+                    f"Authorization: Bearer {t}\r\nContent-Type: application/json\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n"
+                ).encode()
+                + b"%x\r\n%b\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+            ),
+            200,
+        ),
+        # A percent-encoded dot segment: refused, as before the fast path existed.
+        (lambda a, t: _request(f"/{a}/v1/%2e%2e/admin/users", t), 400),
+        # Another method: 405 from the gateway's own handler.
+        (lambda a, t: _request(f"/{a}/v1/chat/completions", t, method="PUT"), 405),
+        # A folded header line: aiohttp's parser refuses it.
+        (lambda a, t: _request(f"/{a}/v1/chat/completions", t, extra="X-A: b\r\n c\r\n"), 400),
+        # Two different lengths: a smuggling attempt, refused.
+        (lambda a, t: _request(f"/{a}/v1/chat/completions", t, extra="Content-Length: 3\r\n"), 400),
+        # A reserved first segment is never a domain.
+        (lambda a, t: _request("/admin/v1/chat/completions", t), 404),
+    ],
+    ids=["http-1.0", "chunked-body", "encoded-dots", "put", "folded", "two-lengths", "reserved"],
+)
+def test_unusual_requests_are_answered_by_aiohttp(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    wire_for,  # type: ignore[no-untyped-def]
+    request_bytes,  # type: ignore[no-untyped-def]
+    status: int,
+) -> None:
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    wire.send(request_bytes(dom.alias, dom.pat))
+    line, headers, body = wire.response()
+    assert int(line.split(" ")[1]) == status, (line, body)
+    if status == 200:
+        assert json.loads(body)["choices"][0]["message"]["content"]
+    elif headers.get("content-type", "").startswith("application/json"):
+        assert json.loads(body)["error"]["message"]
+        assert "x-request-id" in headers
+    else:  # refused by aiohttp's parser itself, before any handler (as always)
+        assert line.split(" ")[1] == "400"
+
+
+def test_body_over_the_limit_is_413(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy(replace(TEST_SETTINGS, max_body_bytes=1024)))
+    big = json.dumps({"model": "cube-tiny", "prompt": "x" * 4096}).encode()
+    wire.send(_request(f"/{dom.alias}/v1/completions", dom.pat, big))
+    line, _, body = wire.response()
+    assert line.split(" ")[1] == "413", body
+
+
+def test_refusals_on_the_fast_path_are_json_and_audited(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    server = proxy()
+    wire = wire_for(server)
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", "not-a-token"))
+    line, headers, body = wire.response()
+    assert line == "HTTP/1.1 401 Unauthorized"
+    assert headers["www-authenticate"].startswith("Bearer")
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert headers["content-type"].startswith("application/json")
+    # The connection stays usable after a refusal.
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat))
+    assert wire.response()[0] == "HTTP/1.1 200 OK"
+
+
+def test_connection_close_is_honoured(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, extra="Connection: close\r\n"))
+    line, headers, _ = wire.response()
+    assert line == "HTTP/1.1 200 OK" and headers["connection"] == "close"
+    assert wire.closed_by_server()
+
+
+def test_stream_on_the_fast_path_is_chunked_and_complete(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    server = proxy()
+    wire = wire_for(server)
+    stream = json.dumps(
+        {
+            "model": "cube-tiny",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, stream))
+    line, headers, body = wire.response()
+    assert line == "HTTP/1.1 200 OK"
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["transfer-encoding"] == "chunked" and headers["cache-control"] == "no-cache"
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]"
+    server.flush()
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert row.status == 200 and row.completion_tokens
+
+
+def test_https_front_door_fast_path_and_hand_off(
+    directory: FakeDirectory, agents: Agents, tmp_path: Path
+) -> None:
+    """cube-proxy serving HTTPS: a forwarded request (fast path over the TLS transport), then
+    /health on the same TLS connection (handed to aiohttp), then a stream."""
+    dom = one_domain(directory, agents)
+    cert, key = self_signed(tmp_path, "proxy.cube.test")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    server = ProxyServer(
+        create_app(directory, settings=TEST_SETTINGS), ssl_context=server_tls
+    ).start()
+    try:
+        wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
+        wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat))
+        line, _, body = wire.response()
+        assert line == "HTTP/1.1 200 OK" and json.loads(body)["choices"]
+        wire.send(b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        line, _, body = wire.response()
+        assert line.startswith("HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
+        wire.close()
+        wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
+        stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()
+        wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, stream))
+        line, headers, body = wire.response()
+        assert line == "HTTP/1.1 200 OK" and headers["transfer-encoding"] == "chunked"
+        assert body.rstrip().endswith(b"data: [DONE]")
+        wire.close()
+    finally:
+        server.stop()
