@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from proxy.app import create_app
+from tests.agent.backends import FakeOpenAI
 from tests.client_cli.conftest import self_signed
 from tests.proxy.fakes import FakeDirectory
 from tests.proxy.harness import (  # noqa: F401 - fixtures
@@ -312,3 +314,29 @@ def test_https_front_door_fast_path_and_hand_off(
         wire.close()
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # ~25 s: 45 MB through three Python hops
+def test_a_slow_reader_pauses_the_stream_back_to_the_backend(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    wire_for,  # type: ignore[no-untyped-def]
+) -> None:
+    """Write flow control on the fast path: a client that stops reading stops the proxy reading
+    the agent, and so the backend writing (nothing is buffered whole); once it reads again the
+    stream arrives complete."""
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    token = "x" * 2000
+    fake_openai.tokens = [token] * 20_000  # ~45 MB of events: more than every buffer on the way
+    stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, stream))
+    assert fake_openai.stream_started.wait(30)
+    time.sleep(2)  # not reading
+    assert not fake_openai.last_sent.is_set(), "the backend wrote everything: nothing paused"
+    line, _, body = wire.response()
+    assert line == "HTTP/1.1 200 OK"
+    assert body.count(token.encode()) == 20_000
+    assert body.rstrip().endswith(b"data: [DONE]")
