@@ -79,6 +79,7 @@ _MAX_HEADERS: Final = 100
 #: Pipelined bytes buffered beyond the request being answered before reading pauses.
 _MAX_BUFFERED: Final = 1024 * 1024
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _ROUTES: Final = {"v1": ("/v1/", False), "api": ("/api/", True)}
 _REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
 
@@ -234,8 +235,8 @@ class _Connection(asyncio.Protocol):
                 return
             try:
                 parsed: _Request | None = self._parse(bytes(buffer[:end]))
-            except _HandOff:
-                parsed = None
+            except (_HandOff, ValueError, UnicodeError):
+                parsed = None  # anything this parser does not take, aiohttp's judges
             if parsed is None:
                 self._hand_off()  # outside the except block: no exception context to carry
                 return
@@ -252,9 +253,8 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self, head: bytes) -> _Request:
         """The request head, if the fast path takes it; else :class:`_HandOff`."""
-        bare = head.replace(b"\r\n", b"")
-        if b"\n" in bare or b"\r" in bare or b"\x00" in bare:
-            raise _HandOff  # aiohttp's parser refuses these
+        if _CONTROL.search(head.replace(b"\r\n", b"")):
+            raise _HandOff  # control characters (bare CR or LF, NUL...): aiohttp refuses them
         text = head.decode("latin-1")
         lines = text.split("\r\n")
         parts = lines[0].split(" ")
@@ -277,7 +277,8 @@ class _Connection(asyncio.Protocol):
             lower = name.lower()
             value = value.strip(" \t")
             if lower == "content-length":
-                if not value.isdigit() or "Content-Length" in headers:
+                digits = value.isascii() and value.isdigit() and len(value) <= 18
+                if not digits or "Content-Length" in headers:
                     raise _HandOff
                 length = int(value)
             elif lower in ("transfer-encoding", "expect", "upgrade"):
@@ -645,8 +646,8 @@ class EdgeSite(web.TCPSite):
             await asyncio.sleep(5)
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.task is not None:
-                    continue
+                if conn.task is not None or conn.pending is not None:
+                    continue  # answering, or reading a request's body
                 started = conn.head_started
                 if (started is not None and now - started > HEAD_TIMEOUT_SECONDS) or (
                     started is None

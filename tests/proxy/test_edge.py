@@ -194,8 +194,28 @@ def test_pipelined_requests_are_answered_in_order(
         (lambda a, t: _request(f"/{a}/v1/chat/completions", t, extra="Content-Length: 3\r\n"), 400),
         # A reserved first segment is never a domain.
         (lambda a, t: _request("/admin/v1/chat/completions", t), 404),
+        # A length in digits Python's int() reads but HTTP does not ("²", latin-1).
+        (
+            lambda a, t: (
+                f"POST /{a}/v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+                f"Authorization: Bearer {t}\r\nContent-Length: \u00b2\r\n\r\n"
+            ).encode("latin-1"),
+            400,
+        ),
+        # A control character in a header value.
+        (lambda a, t: _request(f"/{a}/v1/chat/completions", t, extra="X-A: a\x01b\r\n"), 400),
     ],
-    ids=["http-1.0", "chunked-body", "encoded-dots", "put", "folded", "two-lengths", "reserved"],
+    ids=[
+        "http-1.0",
+        "chunked-body",
+        "encoded-dots",
+        "put",
+        "folded",
+        "two-lengths",
+        "reserved",
+        "superscript-length",
+        "control-character",
+    ],
 )
 def test_unusual_requests_are_answered_by_aiohttp(
     directory: FakeDirectory,
