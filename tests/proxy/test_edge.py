@@ -6,6 +6,7 @@ answers exactly as it always did. Raw sockets, so the bytes on the wire are what
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import time
@@ -360,3 +361,39 @@ def test_a_slow_reader_pauses_the_stream_back_to_the_backend(
     assert line == "HTTP/1.1 200 OK"
     assert body.count(token.encode()) == 20_000
     assert body.rstrip().endswith(b"data: [DONE]")
+
+
+def test_the_access_log_line_of_the_fast_path(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    wire_for,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same line aiohttp's middleware writes (route template, never the path; domain,
+    backend, model), and neither the credential nor the prompt."""
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy(replace(TEST_SETTINGS, access_log=True)))
+    caplog.set_level(logging.INFO, logger="cube.proxy.access")
+    prompt = "PROMPT-IN-NO-LOG-7f3a"
+    body = json.dumps({"model": "cube-tiny", "messages": [{"role": "user", "content": prompt}]})
+    wire.send(
+        _request(
+            f"/{dom.alias}/v1/chat/completions?x=1",
+            dom.pat,
+            body.encode(),
+            extra="X-Request-Id: line-0001\r\n",
+        )
+    )
+    assert wire.response()[0] == "HTTP/1.1 200 OK"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not caplog.records:
+        time.sleep(0.05)
+    (record,) = [r for r in caplog.records if r.name == "cube.proxy.access"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["route"] == "/{domain}/v1/{tail}" and fields["method"] == "POST"
+    assert fields["status"] == 200 and fields["request_id"] == "line-0001"
+    assert fields["domain"] == dom.alias and fields["model"] == "cube-tiny"
+    assert fields["backend_id"] == f"{dom.alias}-agent-1" and fields["ms"] >= 0
+    text = json.dumps(fields) + record.getMessage()
+    assert dom.pat not in text and prompt not in text and "x=1" not in text
