@@ -44,7 +44,7 @@ from multidict import CIMultiDict
 from cube._logging import log_line
 from proxy.directory import RESERVED_ALIASES
 from proxy.gateway.agents import Agent, Trust
-from proxy.gateway.errors import ERROR_TYPES, GatewayError
+from proxy.gateway.errors import GatewayError, error_document
 from proxy.gateway.forward import (
     _STREAM_END,
     PROXY_MS_HEADER,
@@ -142,15 +142,8 @@ def _head_bytes(
 
 def _error_reply(ex: Exchange, error: GatewayError) -> _Reply:
     record_error(ex, error)
-    body = json.dumps(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type or ERROR_TYPES.get(error.status, "server_error"),
-                "code": error.code,
-            }
-        }
-    ).encode()
+    document = error_document(error.status, error.message, type_=error.type, code=error.code)
+    body = json.dumps(document).encode()
     headers = [("Content-Type", "application/json; charset=utf-8")]
     headers += list(error.headers.items())
     headers.append((PROXY_MS_HEADER, ex.added_ms()))

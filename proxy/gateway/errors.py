@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-__all__ = ["ERROR_TYPES", "GatewayError", "json_error"]
+__all__ = ["ERROR_TYPES", "GatewayError", "error_document", "json_error"]
 
 ERROR_TYPES: Mapping[int, str] = {
     400: "invalid_request_error",
@@ -22,6 +22,19 @@ ERROR_TYPES: Mapping[int, str] = {
 }
 
 
+def error_document(
+    status: int, message: str, *, type_: str | None = None, code: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """``{"error": {"message", "type", "code"}}`` (OpenAI's shape)."""
+    return {
+        "error": {
+            "message": message,
+            "type": type_ or ERROR_TYPES.get(status, "server_error"),
+            "code": code,
+        }
+    }
+
+
 def json_error(
     status: int,
     message: str,
@@ -30,13 +43,9 @@ def json_error(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """``{"error": {"message", "type", "code"}}`` with ``status``."""
-    error = {
-        "message": message,
-        "type": type_ or ERROR_TYPES.get(status, "server_error"),
-        "code": code,
-    }
-    return web.json_response({"error": error}, status=status, headers=headers)
+    """:func:`error_document` as a response with ``status``."""
+    document = error_document(status, message, type_=type_, code=code)
+    return web.json_response(document, status=status, headers=headers)
 
 
 class GatewayError(Exception):

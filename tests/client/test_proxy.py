@@ -20,7 +20,6 @@ import pytest
 from attestation.errors import PolicyError
 from attestation.policy import Policy
 from cube_client import PlaintextRefusedError, attested_http_client, verify_endpoint
-from proxy.app import create_app
 from tests.agent.backends import FakeOpenAI
 from tests.client.conftest import PROMPT, RESPONSE
 from tests.client.relay import RecordingRelay
@@ -176,40 +175,33 @@ def test_the_proxy_routes_and_meters_sealed_traffic(
 
 
 def test_an_https_proxy_with_a_private_ca(
-    directory: FakeDirectory, agents: Agents, tmp_path: Path
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     """The proxy serving HTTPS with a certificate from the deployment's own CA: the client
     verifies the agent through it given ``ca`` / ``--ca``, and refuses the connection without
     (the proxy's certificate is not in the system's trust store)."""
     domain = one_domain(directory, agents)
     cert, key = self_signed(tmp_path, "proxy.cube.test")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(cert, key)
-    server = ProxyServer(
-        create_app(directory, settings=TEST_SETTINGS), ssl_context=server_tls
-    ).start()
-    try:
-        url = f"{server.url}/{domain.alias}"
-        ca = ssl.create_default_context(cafile=str(cert))
-        attested = verify_endpoint(url, sim_policy(), api_key=domain.pat, ca=ca)
-        assert attested.via_proxy and attested.agent_id == f"{domain.alias}-agent-1"
-        client = openai.OpenAI(
-            base_url=f"{url}/v1",
-            api_key=domain.pat,
-            http_client=attested_http_client(url, sim_policy(), ca=ca),
-            max_retries=0,
-        )
-        answer = client.chat.completions.create(model="cube-tiny", messages=MESSAGES)
-        assert answer.choices[0].message.content == RESPONSE
-        with pytest.raises(Exception) as info:
-            verify_endpoint(url, sim_policy(), api_key=domain.pat)
-        assert attestation_error(info.value).exit_code == 7
-        policy_file = tmp_path / "policy.json"
-        policy_file.write_text(json.dumps({"format": "cube-policy/1", "allow_simulated": True}))
-        args = [url, "--policy", str(policy_file), "--api-key", domain.pat]
-        done = run_cube(["verify", *args, "--ca", str(cert)])
-        assert done.returncode == 0, done.stdout + done.stderr
-        done = run_cube(["verify", *args])
-        assert done.returncode == 7, done.stdout + done.stderr
-    finally:
-        server.stop()
+    server = proxy(tls=(cert, key))
+    url = f"{server.url}/{domain.alias}"
+    ca = ssl.create_default_context(cafile=str(cert))
+    attested = verify_endpoint(url, sim_policy(), api_key=domain.pat, ca=ca)
+    assert attested.via_proxy and attested.agent_id == f"{domain.alias}-agent-1"
+    client = openai.OpenAI(
+        base_url=f"{url}/v1",
+        api_key=domain.pat,
+        http_client=attested_http_client(url, sim_policy(), ca=ca),
+        max_retries=0,
+    )
+    answer = client.chat.completions.create(model="cube-tiny", messages=MESSAGES)
+    assert answer.choices[0].message.content == RESPONSE
+    with pytest.raises(Exception) as info:
+        verify_endpoint(url, sim_policy(), api_key=domain.pat)
+    assert attestation_error(info.value).exit_code == 7
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"format": "cube-policy/1", "allow_simulated": True}))
+    args = [url, "--policy", str(policy_file), "--api-key", domain.pat]
+    done = run_cube(["verify", *args, "--ca", str(cert)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_cube(["verify", *args])
+    assert done.returncode == 7, done.stdout + done.stderr

@@ -215,8 +215,14 @@ def agents(tmp_path: Path, directory: FakeDirectory, fake_openai: FakeOpenAI) ->
 def proxy(directory: FakeDirectory) -> Iterator[ProxyFactory]:
     started: list[ProxyServer] = []
 
-    def start(settings: GatewaySettings = TEST_SETTINGS) -> ProxyServer:
-        server = ProxyServer(create_app(directory, settings=settings)).start()
+    def start(
+        settings: GatewaySettings = TEST_SETTINGS, *, tls: tuple[Path, Path] | None = None
+    ) -> ProxyServer:
+        context = None
+        if tls is not None:  # serve HTTPS with this certificate and key
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+        server = ProxyServer(create_app(directory, settings=settings), ssl_context=context).start()
         started.append(server)
         return server
 
@@ -228,7 +234,9 @@ def proxy(directory: FakeDirectory) -> Iterator[ProxyFactory]:
 class ProxyFactory(Protocol):
     """What the ``proxy`` fixture yields: start the proxy over the test's directory."""
 
-    def __call__(self, settings: GatewaySettings = ...) -> ProxyServer: ...
+    def __call__(
+        self, settings: GatewaySettings = ..., *, tls: tuple[Path, Path] | None = ...
+    ) -> ProxyServer: ...
 
 
 @dataclass

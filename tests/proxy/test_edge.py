@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.app import create_app
 from tests.agent.backends import FakeOpenAI
 from tests.client_cli.conftest import self_signed
 from tests.proxy.fakes import FakeDirectory
@@ -306,35 +305,28 @@ def test_stream_on_the_fast_path_is_chunked_and_complete(
 
 
 def test_https_front_door_fast_path_and_hand_off(
-    directory: FakeDirectory, agents: Agents, tmp_path: Path
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     """cube-proxy serving HTTPS: a forwarded request (fast path over the TLS transport), then
     /health on the same TLS connection (handed to aiohttp), then a stream."""
     dom = one_domain(directory, agents)
     cert, key = self_signed(tmp_path, "proxy.cube.test")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(cert, key)
-    server = ProxyServer(
-        create_app(directory, settings=TEST_SETTINGS), ssl_context=server_tls
-    ).start()
-    try:
-        wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
-        wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat))
-        line, _, body = wire.response()
-        assert line == "HTTP/1.1 200 OK" and json.loads(body)["choices"]
-        wire.send(b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        line, _, body = wire.response()
-        assert line.startswith("HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
-        wire.close()
-        wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
-        stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()
-        wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, stream))
-        line, headers, body = wire.response()
-        assert line == "HTTP/1.1 200 OK" and headers["transfer-encoding"] == "chunked"
-        assert body.rstrip().endswith(b"data: [DONE]")
-        wire.close()
-    finally:
-        server.stop()
+    server = proxy(tls=(cert, key))
+    wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat))
+    line, _, body = wire.response()
+    assert line == "HTTP/1.1 200 OK" and json.loads(body)["choices"]
+    wire.send(b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    line, _, body = wire.response()
+    assert line.startswith("HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
+    wire.close()
+    wire = _Wire(server, ssl.create_default_context(cafile=str(cert)))
+    stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()
+    wire.send(_request(f"/{dom.alias}/v1/chat/completions", dom.pat, stream))
+    line, headers, body = wire.response()
+    assert line == "HTTP/1.1 200 OK" and headers["transfer-encoding"] == "chunked"
+    assert body.rstrip().endswith(b"data: [DONE]")
+    wire.close()
 
 
 @pytest.mark.slow  # ~25 s: 45 MB through three Python hops
