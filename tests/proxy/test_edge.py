@@ -378,10 +378,13 @@ def test_the_access_log_line_of_the_fast_path(
         )
     )
     assert wire.response()[0] == "HTTP/1.1 200 OK"
+    # The line is written after the answer (another thread here): wait for that record itself.
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not caplog.records:
+    access: list[logging.LogRecord] = []
+    while time.monotonic() < deadline and not access:
         time.sleep(0.05)
-    (record,) = [r for r in caplog.records if r.name == "cube.proxy.access"]
+        access = [r for r in caplog.records if r.name == "cube.proxy.access"]
+    (record,) = access
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["route"] == "/{domain}/v1/{tail}" and fields["method"] == "POST"
     assert fields["status"] == 200 and fields["request_id"] == "line-0001"
