@@ -1,10 +1,11 @@
-"""No acknowledged write is lost when the proxy is killed (SIGKILL) under load (SQLite).
+"""No acknowledged write is lost when the proxy is killed (SIGKILL) under load, on SQLite and
+on PostgreSQL.
 
-The admin API runs as its own process (``python -m proxy.admin_api``) on a SQLite file; many
-clients create domains and users concurrently; the process is killed with SIGKILL while
-requests are in flight; a new process on the same file must hold every object whose creation
-was answered 2xx (with the audit row written in the same request), and the file must pass
-SQLite's integrity check.
+The admin API runs as its own process (``python -m proxy.admin_api``) on a SQLite file or a
+database of the test session's PostgreSQL server; many clients create domains and users
+concurrently; the process is killed with SIGKILL while requests are in flight; a new process on
+the same database must hold every object whose creation was answered 2xx (with the audit row
+written in the same request), and a SQLite file must pass SQLite's integrity check.
 
 A process kill leaves the OS page cache intact, so this proves the application's side: an
 answer is sent only after COMMIT returned (no write-behind buffering, group commit included).
@@ -50,7 +51,7 @@ def _call(port: int, method: str, path: str, body: Any = None, token: str | None
 
 
 @contextmanager
-def _server(database: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def _server(database: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     env = {
         **os.environ,
@@ -64,7 +65,7 @@ def _server(database: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
             "-m",
             "proxy.admin_api",
             "--database",
-            str(database),
+            database,
             "--port",
             str(port),
             "--argon2-memory-kib",
@@ -109,8 +110,7 @@ def _login(port: int) -> str:
     return str(body["access_token"])
 
 
-def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
-    database = tmp_path / "proxy.db"
+def test_every_acknowledged_write_survives_sigkill(database: str) -> None:
     acknowledged: list[tuple[str, str]] = []  # (kind, id)
     failures: list[str] = []
     lock = threading.Lock()
@@ -155,8 +155,9 @@ def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     assert len(acknowledged) >= 300
     assert failures, "the kill should have cut requests in flight"
 
-    with sqlite3.connect(database) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    if not database.startswith("postgresql://"):
+        with sqlite3.connect(database) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
     with _server(database) as (_, port):
         token = _login(port)
