@@ -169,17 +169,17 @@ def build_app(
     environ: Mapping[str, str] | None = None,
     hashing: PasswordHashing | None = None,
     shared_cache_file: str | None = None,
-    limit_share: int = 1,
+    shared_limits_file: str | None = None,
 ) -> web.Application:
     """The production application: the identity layer over ``config.database`` (opened and
     migrated at start-up), its admin API, and the gateway. ``shared_cache_file`` and
-    ``limit_share`` are set for a worker of ``cube-proxy --workers N``."""
+    ``shared_limits_file`` are set for a worker of ``cube-proxy --workers N``."""
     from dataclasses import replace
 
     from proxy import admin_api
     from proxy.identity import identity_ctx
 
-    settings = replace(config.gateway_settings(), limit_share=limit_share).validate()
+    settings = replace(config.gateway_settings(), shared_limits_file=shared_limits_file).validate()
     app = web.Application(client_max_size=settings.max_body_bytes)
     gateway.setup_ops(app, access_log=settings.access_log)
     # The identity layer's cleanup_ctx runs before the gateway's (which uses it) and closes

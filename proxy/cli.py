@@ -87,7 +87,16 @@ class Worker:
 
     index: int
     count: int
-    shared_cache_file: str
+    #: The directory of the files the workers share (see ``_supervise``).
+    shared_dir: str
+
+    @property
+    def shared_cache_file(self) -> str:
+        return os.path.join(self.shared_dir, "generation")
+
+    @property
+    def shared_limits_file(self) -> str:
+        return os.path.join(self.shared_dir, "limits")
 
 
 class StartError(Exception):
@@ -122,7 +131,7 @@ async def serve(
         config,
         environ=environ,
         shared_cache_file=worker.shared_cache_file if worker else None,
-        limit_share=worker.count if worker else 1,
+        shared_limits_file=worker.shared_limits_file if worker else None,
     )
     runner = web.AppRunner(
         app,
@@ -238,10 +247,12 @@ def _supervise(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     with tempfile.TemporaryDirectory(prefix="cube-proxy-") as tmp:
+        from proxy.gateway.ratelimit import SharedBuckets
         from proxy.identity._cache import SharedGeneration
 
-        shared = Path(tmp) / "generation"
-        SharedGeneration.create(shared).close()
+        shared = Path(tmp)
+        SharedGeneration.create(shared / "generation").close()
+        SharedBuckets.create(shared / "limits")
         procs: list[subprocess.Popen[bytes]] = []
         failed = False
         try:

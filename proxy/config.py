@@ -56,7 +56,7 @@ class ProxyConfig:
     #: "auto" (uvloop when installed), "uvloop" or "asyncio".
     event_loop: str = "auto"
     #: Worker processes serving the port together (SO_REUSEPORT); 0 = one per available CPU.
-    #: Rate limits are then enforced per worker on its share of each limit (docs/proxy.md).
+    #: They share one set of rate-limit buckets (docs/proxy.md, "Worker processes").
     workers: int = 0
     # -- identity and storage --------------------------------------------------------------------
     database: str = "sqlite:///cube-proxy.db"

@@ -6,34 +6,55 @@ the backend answered, so a token bucket is *charged* afterwards and may go negat
 request is admitted only while no token bucket it falls under is negative. A refusal says
 when to retry (``Retry-After``, whole seconds, at least 1).
 
-Limits live in this process. ``cube-proxy --workers N`` runs N processes on one port; each
-enforces ``ceil(limit / N)`` (``share``), so together they admit about the limit. The kernel
-spreads *connections* over the workers, so one client on one kept-alive connection meets only
-its worker's share. Separate proxy replicas (hosts) each enforce the whole limit.
+Where the buckets live:
+
+- :class:`LocalBuckets`: in this process (``cube-proxy --workers 1``, tests);
+- :class:`SharedBuckets`: in a file every worker of ``cube-proxy --workers N`` maps, so the
+  workers together enforce each limit exactly once, whichever worker a connection reaches (the
+  kernel spreads *connections*, so per-worker shares would give one kept-alive client a
+  fraction of its limit). An admission or a charge reads and updates its buckets under one
+  ``flock`` of that file: microseconds, never a wait on I/O.
+
+Separate proxy replicas (hosts) each enforce the whole limit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import math
+import mmap
+import os
+import struct
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Final, Protocol
 
 from proxy.directory import Caller, DomainLimits
 
-__all__ = ["Bucket", "LimitExceeded", "RateLimiter"]
+__all__ = [
+    "Bucket",
+    "BucketStore",
+    "LimitExceeded",
+    "LocalBuckets",
+    "RateLimiter",
+    "SharedBuckets",
+]
 
 
 class Bucket:
     """``limit`` units per minute, at most ``limit`` saved up (may go negative when charged)."""
 
-    __slots__ = ("level", "limit", "rate", "updated")
+    __slots__ = ("level", "limit", "rate", "slot", "updated")
 
     def __init__(self, limit: int, now: float) -> None:
         self.limit = limit
         self.rate = limit / 60.0
         self.level = float(limit)
         self.updated = now
+        self.slot = -1  # its place in a SharedBuckets file (-1: none)
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -52,8 +73,12 @@ class Bucket:
             self.rate = limit / 60.0
             self.level = min(self.level, float(limit))
 
+    def full(self, now: float) -> bool:
+        """Refilled to its limit: the same as no bucket at all (so it may be forgotten)."""
+        return self.level + max(0.0, now - self.updated) * self.rate >= self.limit
 
-@dataclass(frozen=True)
+
+@dataclass  # not frozen: raising sets __traceback__ (e.g. through a context manager)
 class LimitExceeded(Exception):
     """Which limit refused the request and when to retry."""
 
@@ -64,21 +89,164 @@ class LimitExceeded(Exception):
         return f"{self.which} limit reached; retry in {self.retry_after} s"
 
 
-_MAX_BUCKETS = 100_000
+class BucketStore(Protocol):
+    """Where a :class:`RateLimiter` keeps its buckets."""
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while reading and updating buckets (one admission or charge)."""
+
+    def get(self, key: Hashable, limit: int, now: float) -> Bucket:
+        """The bucket of ``key``, sized to ``limit`` and refilled to ``now`` (new: full)."""
+
+    def put(self, bucket: Bucket) -> None:
+        """Store ``bucket`` after changing its level."""
 
 
-def _part(limit: int, share: int) -> int:
-    """This worker's part of ``limit`` (0 stays 0: refuse all)."""
-    return limit if share == 1 or limit <= 0 else -(-limit // share)
+class LocalBuckets:
+    """Buckets in this process; not thread-safe (one event loop)."""
+
+    def __init__(self, max_buckets: int = 100_000) -> None:
+        self.max_buckets = max_buckets
+        self._buckets: dict[Hashable, Bucket] = {}
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def get(self, key: Hashable, limit: int, now: float) -> Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_buckets:
+                self._prune(now)
+            bucket = self._buckets[key] = Bucket(limit, now)
+        else:
+            bucket.resize(limit)
+            bucket.refill(now)
+        return bucket
+
+    def put(self, bucket: Bucket) -> None:
+        pass  # the bucket is the stored one
+
+    def _prune(self, now: float) -> None:
+        for key, bucket in list(self._buckets.items()):
+            if bucket.full(now):
+                del self._buckets[key]
+
+
+#: A slot: key digest (16 bytes; all zero = free), limit, level, last update (monotonic).
+_SLOT: Final = struct.Struct("<16sqdd")
+_VALUES: Final = struct.Struct("<qdd")
+_FREE: Final = bytes(16)
+#: Slots probed from a key's home slot before one is reused.
+_PROBE: Final = 64
+SHARED_SLOTS: Final = 65_536  # 2.5 MiB: 16k tokens with all four limits active at once
+
+
+class SharedBuckets:
+    """Buckets in a file that the worker processes of one proxy map (an open-addressing table
+    keyed by a digest of the bucket's key).
+
+    A bucket refilled to its limit is the same as no bucket, so its slot may be taken by
+    another key. Only when all :data:`_PROBE` slots from a key's home slot hold buckets still
+    refilling (more than ~16k tokens active at once, with every limit set) is the one closest
+    to full taken over: that key's debt is forgiven, which errs on admitting."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fd = os.open(path, os.O_RDWR)
+        size = os.fstat(self._fd).st_size
+        self.slots = size // _SLOT.size
+        if self.slots < _PROBE or size % _SLOT.size:
+            os.close(self._fd)
+            raise ValueError(f"{os.fspath(path)} is not a rate-limit file")
+        self._map = mmap.mmap(self._fd, size)
+        self._digests: dict[Hashable, bytes] = {}
+        #: Slots handed out under the current lock: not to be taken over by another key (a
+        #: new bucket is full until the request is taken from it).
+        self._claimed: set[int] = set()
+
+    @staticmethod
+    def create(path: str | os.PathLike[str], slots: int = SHARED_SLOTS) -> None:
+        """A new file of ``slots`` free slots (0600)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, slots * _SLOT.size)
+        finally:
+            os.close(fd)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return self  # (a class-based context manager: a generator one costs more per use)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._claimed.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _digest(self, key: Hashable) -> bytes:
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+            if digest == _FREE:
+                digest = b"\x01" + digest[1:]
+            if len(self._digests) >= 100_000:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest
+
+    def get(self, key: Hashable, limit: int, now: float) -> Bucket:
+        digest = self._digest(key)
+        home = int.from_bytes(digest[:8], "little") % self.slots
+        reuse = -1
+        reuse_fill = -1.0
+        for i in range(_PROBE):
+            slot = (home + i) % self.slots
+            found, slot_limit, level, updated = _SLOT.unpack_from(self._map, slot * _SLOT.size)
+            if found == digest:
+                bucket = Bucket(slot_limit, updated)
+                bucket.level = level
+                bucket.resize(limit)
+                bucket.refill(now)
+                bucket.slot = slot
+                self._claimed.add(slot)
+                return bucket
+            if slot in self._claimed:
+                continue
+            if found == _FREE:
+                if reuse_fill < 2.0:
+                    reuse, reuse_fill = slot, 2.0
+                break  # a key is never stored past a free slot
+            # How full the bucket would be now; at 1 or more it is as good as absent.
+            fill = (level + max(0.0, now - updated) * slot_limit / 60.0) / max(1, slot_limit)
+            if fill >= 1.0:
+                fill = 1.5
+            if fill > reuse_fill:
+                reuse, reuse_fill = slot, fill
+        if reuse < 0:
+            raise RuntimeError("no rate-limit slot could be claimed")  # > _PROBE keys at once
+        bucket = Bucket(limit, now)
+        bucket.slot = reuse
+        self._claimed.add(reuse)
+        _SLOT.pack_into(self._map, reuse * _SLOT.size, digest, limit, bucket.level, now)
+        return bucket
+
+    def put(self, bucket: Bucket) -> None:
+        _VALUES.pack_into(
+            self._map, bucket.slot * _SLOT.size + 16, bucket.limit, bucket.level, bucket.updated
+        )
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
 
 
 class RateLimiter:
-    """Buckets by key; not thread-safe (one event loop)."""
+    """Admits requests and charges tokens against the buckets in ``store``."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, *, share: int = 1) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, store: BucketStore | None = None
+    ) -> None:
         self._clock = clock
-        self.share = max(1, share)
-        self._buckets: dict[Hashable, Bucket] = {}
+        self.store: BucketStore = store if store is not None else LocalBuckets()
 
     @staticmethod
     def token_key(caller: Caller) -> tuple[str, str]:
@@ -87,73 +255,67 @@ class RateLimiter:
             return ("token", caller.token_id)
         return ("user", f"{caller.domain_id}/{caller.user_id}")
 
-    def _bucket(self, key: Hashable, limit: int, now: float) -> Bucket:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= _MAX_BUCKETS:
-                self._prune(now)
-            bucket = self._buckets[key] = Bucket(limit, now)
-        else:
-            bucket.resize(limit)
-            bucket.refill(now)
-        return bucket
-
-    def _prune(self, now: float) -> None:
-        for key, bucket in list(self._buckets.items()):
-            bucket.refill(now)
-            if bucket.level >= bucket.limit:
-                del self._buckets[key]
-
     def _limits(
         self, caller: Caller, limits: DomainLimits
     ) -> Iterable[tuple[str, Hashable, int, bool]]:
-        tk = self.token_key(caller)
-        n = self.share
         if limits.requests_per_minute is not None:
+            yield "domain_requests", ("dr", caller.domain_id), limits.requests_per_minute, True
+        if limits.token_requests_per_minute is not None:
             yield (
-                "domain_requests",
-                ("dr", caller.domain_id),
-                _part(limits.requests_per_minute, n),
+                "token_requests",
+                ("tr", *self.token_key(caller)),
+                limits.token_requests_per_minute,
                 True,
             )
-        if limits.token_requests_per_minute is not None:
-            yield "token_requests", ("tr", *tk), _part(limits.token_requests_per_minute, n), True
         if limits.tokens_per_minute is not None:
+            yield "domain_tokens", ("dt", caller.domain_id), limits.tokens_per_minute, False
+        if limits.token_tokens_per_minute is not None:
             yield (
-                "domain_tokens",
-                ("dt", caller.domain_id),
-                _part(limits.tokens_per_minute, n),
+                "token_tokens",
+                ("tt", *self.token_key(caller)),
+                limits.token_tokens_per_minute,
                 False,
             )
-        if limits.token_tokens_per_minute is not None:
-            yield "token_tokens", ("tt", *tk), _part(limits.token_tokens_per_minute, n), False
 
     def admit(self, caller: Caller, limits: DomainLimits) -> None:
         """Take one request from every request bucket, or raise :class:`LimitExceeded`
         (taking nothing) if any bucket is empty."""
-        now = self._clock()
-        taken: list[Bucket] = []
-        worst: tuple[float, str] | None = None
-        for which, key, limit, is_request in self._limits(caller, limits):
+        checks = list(self._limits(caller, limits))
+        if not checks:
+            return
+        for which, _, limit, _ in checks:
             if limit <= 0:
                 raise LimitExceeded(which, 60)
-            bucket = self._bucket(key, limit, now)
-            # Requests need a whole unit; tokens a balance that is not negative.
-            wait = bucket.wait_for(1.0) if is_request else bucket.wait_for(0.0)
-            if wait > 0 and (worst is None or wait > worst[0]):
-                worst = (wait, which)
-            if is_request:
-                taken.append(bucket)
-        if worst is not None:
-            raise LimitExceeded(worst[1], max(1, math.ceil(worst[0])))
-        for bucket in taken:
-            bucket.level -= 1.0
+        store = self.store
+        with store.locked():
+            now = self._clock()
+            taken: list[Bucket] = []
+            worst: tuple[float, str] | None = None
+            for which, key, limit, is_request in checks:
+                bucket = store.get(key, limit, now)
+                # Requests need a whole unit; tokens a balance that is not negative.
+                wait = bucket.wait_for(1.0) if is_request else bucket.wait_for(0.0)
+                if wait > 0 and (worst is None or wait > worst[0]):
+                    worst = (wait, which)
+                if is_request:
+                    taken.append(bucket)
+            if worst is not None:
+                raise LimitExceeded(worst[1], max(1, math.ceil(worst[0])))
+            for bucket in taken:
+                bucket.level -= 1.0
+                store.put(bucket)
 
     def charge(self, caller: Caller, limits: DomainLimits, tokens: int) -> None:
         """Charge the tokens a request used to the token buckets."""
         if tokens <= 0:
             return
-        now = self._clock()
-        for _, key, limit, is_request in self._limits(caller, limits):
-            if not is_request and limit > 0:
-                self._bucket(key, limit, now).level -= tokens
+        checks = [c for c in self._limits(caller, limits) if not c[3] and c[2] > 0]
+        if not checks:
+            return
+        store = self.store
+        with store.locked():
+            now = self._clock()
+            for _, key, limit, _ in checks:
+                bucket = store.get(key, limit, now)
+                bucket.level -= tokens
+                store.put(bucket)

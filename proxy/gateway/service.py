@@ -25,7 +25,7 @@ from proxy.gateway.cache import DirectoryCache
 from proxy.gateway.errors import GatewayError
 from proxy.gateway.metering import AuditWriter
 from proxy.gateway.metrics import GatewayMetrics
-from proxy.gateway.ratelimit import RateLimiter
+from proxy.gateway.ratelimit import RateLimiter, SharedBuckets
 from proxy.gateway.settings import GatewaySettings
 from proxy.gateway.upstream import CertificateMismatch, UpstreamError, UpstreamPool
 
@@ -65,7 +65,12 @@ class Gateway:
         self.gate = AttestationGate(
             self.settings, self.metrics, on_failure=self._attestation_failed, clock=clock
         )
-        self.limiter = RateLimiter(clock=clock, share=self.settings.limit_share)
+        # The shared file stays mapped for the life of the process (a request finishing
+        # during shutdown still charges its tokens).
+        shared = self.settings.shared_limits_file
+        self.limiter = RateLimiter(
+            clock=clock, store=SharedBuckets(shared) if shared is not None else None
+        )
         self._policies: dict[bytes, LoadedPolicy] = {}
         self._tokens: dict[tuple[Caller, str | None], tuple[float, str]] = {}
         self.upstream = UpstreamPool(

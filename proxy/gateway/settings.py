@@ -51,9 +51,9 @@ class GatewaySettings:
     max_evidence_bytes: int = 4 * 1024 * 1024
     #: Log one JSON line per request.
     access_log: bool = True
-    #: Worker processes sharing the port (set by ``cube-proxy --workers``, not an option of
-    #: its own): each enforces 1/``limit_share`` of every rate limit (rounded up).
-    limit_share: int = 1
+    #: The rate-limit file the workers of ``cube-proxy --workers N`` share (set by the
+    #: supervisor, not an option of its own): None keeps the buckets in this process.
+    shared_limits_file: str | None = None
 
     def validate(self) -> GatewaySettings:
         if self.max_body_bytes < 1024:
@@ -81,8 +81,6 @@ class GatewaySettings:
             raise ValueError("forward_token_ttl must be at least 10 seconds")
         if not 0 <= self.forward_token_reuse < self.forward_token_ttl:
             raise ValueError("forward_token_reuse must be below forward_token_ttl")
-        if self.limit_share < 1:
-            raise ValueError("limit_share must be >= 1")
         if self.audit_queue_size < 1:
             raise ValueError("audit_queue_size must be >= 1")
         return self

@@ -38,18 +38,26 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _statuses(proxy: ProxyProcess, path: str, token: str, count: int) -> list[int]:
+def _statuses(
+    proxy: ProxyProcess, path: str, token: str, count: int, *, keep_alive: bool = False
+) -> list[int]:
     """``count`` requests, each on a new connection (the kernel spreads connections, not
-    requests, over the workers)."""
+    requests, over the workers), or all on one kept-alive connection (one worker)."""
     out = []
-    for _ in range(count):
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-        try:
+    conn: http.client.HTTPConnection | None = None
+    try:
+        for _ in range(count):
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
             conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
             response = conn.getresponse()
             response.read()
             out.append(response.status)
-        finally:
+            if not keep_alive:
+                conn.close()
+                conn = None
+    finally:
+        if conn is not None:
             conn.close()
     return out
 
@@ -108,3 +116,24 @@ def test_a_dead_worker_stops_the_proxy_and_workers_die_with_their_parent(
         orphaned.proc.send_signal(signal.SIGKILL)
         orphaned.proc.wait(10)
         assert _wait_gone(workers), "a worker outlived its parent"
+
+
+def test_workers_enforce_each_rate_limit_once_together(tmp_path: Path) -> None:
+    proxy = ProxyProcess(
+        f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
+    )
+    with proxy:
+        admin = proxy.login()
+        proxy.admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
+        proxy.admin(
+            "PUT", "/admin/domains/acme/limits", {"token_requests_per_minute": 6}, token=admin
+        )
+        pat = proxy.admin("POST", "/admin/tokens", {"domain": "acme", "name": "t"}, token=admin)
+        # One kept-alive client reaches one worker, and gets the whole limit there (admitted:
+        # 503, the domain has no backend), not a per-worker share of it...
+        statuses = _statuses(proxy, "/acme/v1/models", pat["token"], 7, keep_alive=True)
+        assert statuses == [503] * 6 + [429]
+        # ...and no worker admits more: every new connection, whichever worker takes it, is
+        # refused (a worker with buckets of its own would admit six more).
+        assert set(_statuses(proxy, "/acme/v1/models", pat["token"], 16)) == {429}
+        assert proxy.stop() == 0
