@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger("cube.proxy.db")
 Dialect = Literal["sqlite", "postgresql"]
 _IMMEDIATE = "cube_begin_immediate"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_WAL_ATTEMPTS = 10
 
 
 class DatabaseError(Exception):
@@ -85,7 +87,16 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        for attempt in range(_WAL_ATTEMPTS):
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                # Connections switching a new file to WAL together can deadlock on its lock,
+                # and SQLite then answers one of them "locked" at once, without waiting. Once
+                # it gave up its lock the switch goes through (or finds it done): ask again.
+                if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                    raise
         mode = cursor.fetchone()
         if not mode or str(mode[0]).lower() != "wal":
             raise DatabaseError("SQLite refused WAL journal mode")
