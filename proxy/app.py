@@ -95,6 +95,9 @@ class AppDirectory:
     async def backends(self, domain_id: str) -> list[BackendSpec]:
         return await self.identity.backends(domain_id)
 
+    async def backend_domains(self) -> list[str]:
+        return await self.identity.backend_domains()
+
     async def policy(self, domain_id: str) -> bytes | None:
         return await self.identity.policy(domain_id)
 

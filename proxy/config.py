@@ -82,6 +82,7 @@ class ProxyConfig:
     failure_retry_seconds: float = GatewaySettings.failure_retry_seconds
     down_seconds: float = GatewaySettings.down_seconds
     health_interval: float = GatewaySettings.health_interval
+    discover_agents: bool = GatewaySettings.discover_agents
     directory_cache_seconds: float = GatewaySettings.directory_cache_seconds
     auth_cache_seconds: float = GatewaySettings.auth_cache_seconds
     forward_token_ttl: int = GatewaySettings.forward_token_ttl

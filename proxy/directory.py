@@ -208,6 +208,10 @@ class Directory(Protocol):
 
     async def backends(self, domain_id: str) -> list[BackendSpec]: ...
 
+    async def backend_domains(self) -> list[str]:
+        """The ids of the domains with at least one enabled backend."""
+        ...
+
     async def policy(self, domain_id: str) -> bytes | None:
         """The domain's ``cube-policy/1`` JSON document, or None if none was set."""
         ...

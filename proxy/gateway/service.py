@@ -234,9 +234,36 @@ class Gateway:
                 "health re-verification failed", extra={"fields": {"backend_id": agent.id}}
             )
 
+    async def discover(self) -> None:
+        """Verify, in parallel, every enabled agent of every domain that has not been tried
+        yet (see ``GatewaySettings.discover_agents``); failures are recorded on the agent and
+        audited by the gate, as for a request."""
+        fresh: list[Agent] = []
+        for domain_id in await self.directory.backend_domains():
+            for agent in await self.agents(domain_id):
+                if (
+                    agent.spec.enabled
+                    and agent.trust is None
+                    and agent.failure is None
+                    and agent.verifying is None
+                ):
+                    fresh.append(agent)
+        if fresh:
+            await asyncio.gather(*(self._reverify(a) for a in fresh))
+
+    async def _discover_safely(self) -> None:
+        if not self.settings.discover_agents:
+            return
+        try:
+            await self.discover()
+        except Exception as exc:  # the directory is unreachable: requests will tell
+            log.warning("agent discovery failed: %s", type(exc).__name__)
+
     async def _health_loop(self) -> None:
+        await self._discover_safely()
         while True:
             await asyncio.sleep(self.settings.health_interval)
+            await self._discover_safely()
             self.upstream.prune()
             agents = self.pool.all()
             now = self._clock()

@@ -29,6 +29,11 @@ class GatewaySettings:
     down_seconds: float = 5.0
     #: Seconds between health checks of the agents the gateway knows.
     health_interval: float = 10.0
+    #: At start and every ``health_interval``, verify in the background every enabled backend
+    #: of every domain that no request has used yet: a first request finds its agent verified,
+    #: a refused agent is audited and counted before anyone calls it, and the health checks
+    #: and ``cube_proxy_agents`` cover every agent.
+    discover_agents: bool = True
     #: How long the directory's answers (backends, policy, limits) are reused here. 0 (the
     #: default): not at all, the directory caches (and invalidates on change) itself.
     directory_cache_seconds: float = 0.0

@@ -1356,6 +1356,18 @@ class Identity:
             enabled=bool(row["enabled"]),
         )
 
+    async def backend_domains(self) -> list[str]:
+        """The ids of the domains with at least one enabled backend (not cached: read every
+        ``health_interval`` by the gateway's agent discovery)."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(backends.c.domain_id)
+                .where(backends.c.enabled)
+                .distinct()
+                .order_by(backends.c.domain_id)
+            )
+            return [str(r[0]) for r in rows]
+
     async def list_backends(self, domain_id: str) -> list[BackendSpec]:
         async with self.db.read() as conn:
             rows = (

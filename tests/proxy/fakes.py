@@ -234,6 +234,10 @@ class FakeDirectory:
         self._count("backends")
         return list(self.backend_specs.get(domain_id, []))
 
+    async def backend_domains(self) -> list[str]:
+        self._count("backend_domains")
+        return sorted(d for d, specs in self.backend_specs.items() if any(s.enabled for s in specs))
+
     async def policy(self, domain_id: str) -> bytes | None:
         self._count("policy")
         return self.policies.get(domain_id)

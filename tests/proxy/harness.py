@@ -39,6 +39,7 @@ TEST_SETTINGS = GatewaySettings(
     failure_retry_seconds=30,
     down_seconds=1,
     health_interval=3600,
+    discover_agents=False,  # tests count verifications; tests/proxy/test_gateway.py turns it on
     audit_flush_interval=0.01,
     access_log=False,
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import aiohttp
@@ -297,3 +299,55 @@ def test_evidence_bytes_are_not_reencoded(directory: FakeDirectory, proxy: Proxy
     finally:
         stub.stop()
         loop.close()
+
+
+# -- discovery (GatewaySettings.discover_agents) ---------------------------------------------------
+
+DISCOVERING = replace(TEST_SETTINGS, discover_agents=True)
+
+
+def _until(probe: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_agents_are_verified_at_start_before_any_request(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    good = one_domain(directory, agents)
+    bad = one_domain(
+        directory, agents, "other", policy=sim_policy(config_digests=["sha256:" + "0" * 64])
+    )
+    server = proxy(DISCOVERING)
+    verified = server.gateway.metrics.verifications.labels(outcome="verified")
+    _until(lambda: verified._value.get() == 1 and len(server.gateway.pool.all()) == 2)
+    _until(
+        lambda: (
+            {a.spec.id: a.state(time.monotonic()) for a in server.gateway.pool.all()}
+            == {"acme-agent-1": "verified", "other-agent-1": "refused"}
+        )
+    )
+    # The refusal was audited with no request made; nothing was forwarded.
+    server.flush()
+    events = [r for r in directory.audits if r.event == "attestation_failed"]
+    assert [e.backend_id for e in events] == ["other-agent-1"]
+    assert not [r for r in directory.audits if r.event == "request"]
+    assert fake_openai.requests_to("/v1/chat/completions") == []
+    # The first request finds its agent verified: no second verification.
+    assert server.chat(good.alias, good.member_token).status == 200
+    assert verified._value.get() == 1
+    refused = server.chat(bad.alias, bad.member_token)
+    assert refused.status == 503 and refused.json()["error"]["code"] == "attestation_failed"
+
+
+def test_without_discovery_an_agent_is_verified_by_its_first_request(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()  # TEST_SETTINGS: discover_agents=False
+    time.sleep(0.5)
+    assert server.gateway.pool.all() == []
+    assert server.chat(dom.alias, dom.member_token).status == 200
+    assert server.gateway.metrics.verifications.labels(outcome="verified")._value.get() == 1
