@@ -46,19 +46,20 @@ from proxy.directory import RESERVED_ALIASES
 from proxy.gateway.agents import Agent, Trust
 from proxy.gateway.errors import GatewayError, error_document
 from proxy.gateway.forward import (
-    _STREAM_END,
     PROXY_MS_HEADER,
     Exchange,
     Incoming,
     client_gone,
     finish,
     forward,
+    is_e2e,
     is_stream,
     prepare,
     read_whole,
     record_error,
     response_headers,
     route_name,
+    stream_ended,
     whole_usage,
 )
 from proxy.gateway.metering import UsageScanner
@@ -486,6 +487,7 @@ class _Connection(asyncio.Protocol):
             )
         )
         scanner = UsageScanner()
+        sealed = is_e2e(request.inc)
         try:
             async for chunk in upstream.chunks():
                 if not chunk:
@@ -495,7 +497,7 @@ class _Connection(asyncio.Protocol):
                     client_gone(ex)
                     ex.usage = scanner.finish()
                     return None
-                end = not ex.delivered and _STREAM_END in chunk
+                end = not ex.delivered and stream_ended(chunk, sealed=sealed)
                 out.add(b"%x\r\n%b\r\n" % (len(chunk), chunk), last_event=end)
                 if end:
                     ex.usage = scanner.finish()  # the answer is whole: its usage is known now

@@ -22,6 +22,7 @@ waiting on the agent, verification included), ``X-Cube-Agent`` (the backend id) 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -108,6 +109,10 @@ E2E_MODEL_HEADER: Final = "Cube-E2E-Model"
 E2E_AGENT_HEADER: Final = "Cube-E2E-Agent"
 #: The OpenAI stream's last event.
 _STREAM_END: Final = b"data: [DONE]"
+#: How a sealed stream's records start on the wire (docs/e2e-encryption.md): an SSE event's
+#: data line, or an NDJSON line; a record's first byte (its kind) is not encrypted.
+_SEALED_RECORDS: Final = ((b"event: cube-e2e\ndata: ", b"\n"), (b'{"cube-e2e":"', b'"'))
+_SEALED_END_KIND: Final = 0x03
 _MAX_MODEL_NAME: Final = 200
 
 
@@ -222,7 +227,7 @@ def _model_of(data: object, ollama: bool) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def _is_e2e(inc: Incoming) -> bool:
+def is_e2e(inc: Incoming) -> bool:
     content_type = inc.headers.get(hdrs.CONTENT_TYPE, "")
     return content_type.split(";", 1)[0].strip().lower() == E2E_CONTENT_TYPE
 
@@ -247,7 +252,7 @@ def _header_model(inc: Incoming, *, required: bool) -> str | None:
 async def _request_model(inc: Incoming, body: bytes, ollama: bool) -> str | None:
     """The model a request is for: from its JSON body, or (an encrypted body, or one that is
     not JSON) from the ``Cube-E2E-Model`` header."""
-    if _is_e2e(inc):
+    if is_e2e(inc):
         return _header_model(inc, required=True)  # the body is never parsed
     model = await _read_model(body, ollama)
     if model is None:
@@ -312,6 +317,30 @@ def response_headers(
     out.append(("X-Cube-Agent", agent.id))
     out.append(("X-Cube-Evidence", trust.evidence_digest))
     return out
+
+
+def stream_ended(chunk: bytes, *, sealed: bool) -> bool:
+    """Whether ``chunk`` carries a stream's last event: ``data: [DONE]``, or in an end-to-end
+    encrypted stream the sealed end marker (a record whose kind byte says END; its tag the
+    proxy cannot check, nor does it need to: this only decides whether a client that closes
+    next got the whole answer, for the audit row)."""
+    if not sealed:
+        return _STREAM_END in chunk
+    for prefix, stop in _SEALED_RECORDS:
+        start = chunk.find(prefix)
+        while start >= 0:
+            begin = start + len(prefix)
+            end = chunk.find(stop, begin)
+            if end < 0:
+                break
+            try:
+                record = base64.b64decode(chunk[begin:end], validate=True)
+            except ValueError:
+                record = b""
+            if record[:1] == bytes([_SEALED_END_KIND]):
+                return True
+            start = chunk.find(prefix, end)
+    return False
 
 
 def is_stream(upstream: UpstreamResponse) -> bool:
@@ -450,6 +479,7 @@ async def _relay(
         return web.Response(body=body, status=upstream.status, headers=headers)
 
     scanner = UsageScanner()
+    sealed = is_e2e(incoming(request))
     headers[hdrs.CACHE_CONTROL] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     headers[PROXY_MS_HEADER] = ex.added_ms()
@@ -466,7 +496,7 @@ async def _relay(
                     ex.detail = "client disconnected"
                 ex.usage = scanner.finish()
                 return response
-            if not ex.delivered and _STREAM_END in chunk:
+            if not ex.delivered and stream_ended(chunk, sealed=sealed):
                 ex.delivered = True
                 ex.usage = scanner.finish()  # the answer is whole: its usage is known now
     except UpstreamError:
@@ -718,7 +748,7 @@ async def prepare(
             raise GatewayError(503, "this domain has no backends", code="no_backends")
         what = f"the model {ex.model!r}" if ex.model else "this API"
         raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
-    if _is_e2e(inc):
+    if is_e2e(inc):
         candidates = _sealed_for(inc, candidates)
     try:
         token = gw.forward_token(caller, ex.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,18 @@ def test_the_proxy_routes_and_meters_sealed_traffic(
         model="cube-tiny", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == RESPONSE
-    server.flush()
-    rows = [a for a in directory.audits if a.route == "/v1/chat/completions"]
+    # The stream's exchange ends when the agent's chunked stream does, which can be just
+    # after the client read the end marker and returned.
+    deadline = time.monotonic() + 10
+    while True:
+        server.flush()
+        rows = [a for a in directory.audits if a.route == "/v1/chat/completions"]
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(rows) == 2
     for row in rows:
+        assert row.status == 200, row.detail  # a client closing after the end marker: 200
         assert row.model == "cube-tiny"
         assert (row.prompt_tokens, row.completion_tokens) == (11, 4)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cube_client.e2e import RequestMeta, ResponseSealer, usage_record
+from proxy.gateway.forward import stream_ended
 from proxy.gateway.metering import UsageScanner
 from tests.agent.backends import (
     OLLAMA_FINAL_STATS,
@@ -100,7 +102,8 @@ def test_client_disconnect_stops_the_backend(
     fake_openai.gate = Gate()  # never opened: the generation would go on forever
     conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
     next(sse_events(response))
-    assert fake_openai.stream_started.is_set()
+    # (Set by the backend's thread just after its write: the event can arrive first.)
+    assert fake_openai.stream_started.wait(10)
     conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
     conn.close()
     assert fake_openai.cancelled.wait(10), "the backend was not told to stop"
@@ -263,3 +266,31 @@ def test_usage_scanner_streams_split_anywhere() -> None:
     for n in range(1, 5):
         scanner.feed(b'data: {"usage":{"prompt_tokens":5,"completion_tokens":%d}}\n\n' % n)
     assert scanner.finish().completion_tokens == 4
+
+
+@pytest.mark.parametrize("framing", ["sse", "ndjson"])
+def test_the_end_of_a_sealed_stream_is_recognised(framing: str) -> None:
+    """A client closing right after a sealed stream's end marker got the whole answer (the
+    audit row says 200, not 499): the proxy sees the marker by its record kind, which is not
+    encrypted."""
+    meta = RequestMeta(
+        request_id=bytes(16),
+        issued_at=0,
+        method="POST",
+        path="/v1/chat/completions",
+        model="cube-tiny",
+        response_key=bytes(range(32)),
+    )
+    sealer = ResponseSealer(meta)
+    events = [sealer.event(b'data: {"choices": []}\n\n', framing) for _ in range(3)]  # type: ignore[arg-type]
+    usage = usage_record(11, 4, framing)  # type: ignore[arg-type]
+    end = sealer.end(framing)  # type: ignore[arg-type]
+    for chunk in (*events, usage, b"".join(events) + usage):
+        assert not stream_ended(chunk, sealed=True)
+    assert stream_ended(end, sealed=True)
+    assert stream_ended(events[0] + usage + end, sealed=True)  # several records in one chunk
+    assert not stream_ended(end, sealed=False)
+    # In a sealed stream, a plaintext [DONE] is nothing (the client refuses plaintext events).
+    assert not stream_ended(b"data: [DONE]\n\n", sealed=True)
+    assert stream_ended(b"data: [DONE]\n\n", sealed=False)
+    assert not stream_ended(b"event: cube-e2e\ndata: !!notbase64\n\n", sealed=True)
