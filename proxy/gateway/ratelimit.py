@@ -138,7 +138,8 @@ _VALUES: Final = struct.Struct("<qdd")
 _FREE: Final = bytes(16)
 #: Slots probed from a key's home slot before one is reused.
 _PROBE: Final = 64
-SHARED_SLOTS: Final = 65_536  # 2.5 MiB: 16k tokens with all four limits active at once
+#: 2.5 MiB. A token with limits set takes up to two slots (requests, tokens), a domain two.
+SHARED_SLOTS: Final = 65_536
 
 
 class SharedBuckets:
@@ -146,9 +147,9 @@ class SharedBuckets:
     keyed by a digest of the bucket's key).
 
     A bucket refilled to its limit is the same as no bucket, so its slot may be taken by
-    another key. Only when all :data:`_PROBE` slots from a key's home slot hold buckets still
-    refilling (more than ~16k tokens active at once, with every limit set) is the one closest
-    to full taken over: that key's debt is forgiven, which errs on admitting."""
+    another key. Only when all :data:`_PROBE` slots from a key's home slot hold other buckets
+    still refilling (tens of thousands of limited tokens active within a minute) is the one
+    closest to full taken over: that key's debt is forgiven, which errs on admitting."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._fd = os.open(path, os.O_RDWR)
