@@ -487,7 +487,7 @@ class _Connection(asyncio.Protocol):
             )
         )
         scanner = UsageScanner()
-        sealed = is_e2e(request.inc)
+        sealed = is_e2e(request.inc.headers)
         try:
             async for chunk in upstream.chunks():
                 if not chunk:

@@ -227,8 +227,9 @@ def _model_of(data: object, ollama: bool) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def is_e2e(inc: Incoming) -> bool:
-    content_type = inc.headers.get(hdrs.CONTENT_TYPE, "")
+def is_e2e(headers: MultiMapping[str]) -> bool:
+    """Whether a request's body is end-to-end encrypted (by its Content-Type)."""
+    content_type = headers.get(hdrs.CONTENT_TYPE, "")
     return content_type.split(";", 1)[0].strip().lower() == E2E_CONTENT_TYPE
 
 
@@ -252,7 +253,7 @@ def _header_model(inc: Incoming, *, required: bool) -> str | None:
 async def _request_model(inc: Incoming, body: bytes, ollama: bool) -> str | None:
     """The model a request is for: from its JSON body, or (an encrypted body, or one that is
     not JSON) from the ``Cube-E2E-Model`` header."""
-    if is_e2e(inc):
+    if is_e2e(inc.headers):
         return _header_model(inc, required=True)  # the body is never parsed
     model = await _read_model(body, ollama)
     if model is None:
@@ -479,7 +480,7 @@ async def _relay(
         return web.Response(body=body, status=upstream.status, headers=headers)
 
     scanner = UsageScanner()
-    sealed = is_e2e(incoming(request))
+    sealed = is_e2e(request.headers)
     headers[hdrs.CACHE_CONTROL] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     headers[PROXY_MS_HEADER] = ex.added_ms()
@@ -748,7 +749,7 @@ async def prepare(
             raise GatewayError(503, "this domain has no backends", code="no_backends")
         what = f"the model {ex.model!r}" if ex.model else "this API"
         raise GatewayError(404, f"no backend of this domain serves {what}", code="no_backend")
-    if is_e2e(inc):
+    if is_e2e(inc.headers):
         candidates = _sealed_for(inc, candidates)
     try:
         token = gw.forward_token(caller, ex.model)
