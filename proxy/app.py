@@ -18,6 +18,7 @@ from proxy.config import ProxyConfig
 from proxy.directory import AuditRecord, BackendSpec, Caller, Directory, DomainLimits, TokenSigner
 from proxy.gateway import GatewaySettings
 from proxy.gateway.forward import RESERVED_ALIASES
+from proxy.gateway.ratelimit import RemoteBuckets
 
 if TYPE_CHECKING:
     from proxy.identity import Identity, IdentityConfig, PasswordHashing
@@ -190,5 +191,15 @@ def build_app(
     identity = identity_config(config, environ, shared_cache_file=shared_cache_file)
     app.cleanup_ctx.append(identity_ctx(identity, hashing=hashing))
     admin_api.setup(app)
-    gateway.setup(app, AppDirectory(app), settings)
+
+    def replica_buckets() -> RemoteBuckets | None:
+        from proxy.db.ratelimits import DatabaseBuckets
+        from proxy.identity import IDENTITY
+
+        db = app[IDENTITY].db
+        if config.rate_limits == "local" or db.dialect != "postgresql":
+            return None  # (validate() refused "database" without PostgreSQL)
+        return DatabaseBuckets(db)
+
+    gateway.setup(app, AppDirectory(app), settings, replica_buckets=replica_buckets)
     return app

@@ -60,6 +60,9 @@ class ProxyConfig:
     workers: int = 0
     # -- identity and storage --------------------------------------------------------------------
     database: str = "sqlite:///cube-proxy.db"
+    #: Where the rate-limit buckets live: "database" (PostgreSQL, shared by every replica),
+    #: "local" (this host, shared by its workers), "auto" (database with PostgreSQL).
+    rate_limits: str = "auto"
     #: ``iss`` of every token the proxy signs (agents are configured with it); default: the
     #: URL it listens on.
     issuer_url: str | None = None
@@ -128,6 +131,10 @@ class ProxyConfig:
             raise ConfigError("workers must be between 0 (one per CPU) and 256")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError("event_loop must be auto, uvloop or asyncio")
+        if self.rate_limits not in ("auto", "database", "local"):
+            raise ConfigError("rate_limits must be auto, database or local")
+        if self.rate_limits == "database" and not self.database.startswith("postgres"):
+            raise ConfigError("rate_limits database needs a PostgreSQL database")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if not self.effective_issuer.startswith(("https://", "http://")):

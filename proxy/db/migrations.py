@@ -35,8 +35,21 @@ def _v1_initial(conn: sa.Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
+def _v2_rate_buckets(conn: sa.Connection) -> None:
+    # (Already there when migration 1 ran from this schema module.)
+    schema.rate_buckets.create(conn, checkfirst=True)
+    if conn.dialect.name == "postgresql":
+        from proxy.db.ratelimits import INSTALL
+
+        conn.exec_driver_sql("ALTER TABLE rate_buckets SET UNLOGGED")  # (no WAL: see there)
+        conn.exec_driver_sql(INSTALL)
+
+
 #: (version, description, function), in order; versions start at 1 and have no gaps.
-MIGRATIONS: tuple[tuple[int, str, Migration], ...] = ((1, "initial schema", _v1_initial),)
+MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
+    (1, "initial schema", _v1_initial),
+    (2, "rate-limit buckets shared by replicas", _v2_rate_buckets),
+)
 
 LATEST = MIGRATIONS[-1][0]
 

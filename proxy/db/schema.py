@@ -21,6 +21,7 @@ __all__ = [
     "metadata",
     "passwords",
     "pats",
+    "rate_buckets",
     "refresh_tokens",
     "schema_version",
     "sessions",
@@ -233,4 +234,16 @@ audit = sa.Table(
     sa.Column("detail", sa.String(1000), nullable=True),
     sa.Column("extra", sa.Text(), nullable=True),  # JSON object
     sa.Index("ix_audit_domain_id", "domain_id", "id"),
+)
+
+# Rate-limit buckets shared by proxy replicas (PostgreSQL; see proxy.db.ratelimits). A key
+# names a limit and whom it applies to (ids, never a secret); levels are in units (requests or
+# tokens), times in the database's clock.
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("lim", sa.BigInteger(), nullable=False),
+    sa.Column("level", sa.Double(), nullable=False),
+    _ts("updated"),
 )

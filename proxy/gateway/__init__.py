@@ -19,6 +19,8 @@ Modules, one concern each:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from proxy.directory import Directory
@@ -26,6 +28,7 @@ from proxy.gateway import forward, ops
 from proxy.gateway.edge import EdgeSite
 from proxy.gateway.forward import PROXY_MS_HEADER
 from proxy.gateway.metrics import METRICS, GatewayMetrics
+from proxy.gateway.ratelimit import RemoteBuckets
 from proxy.gateway.service import GATEWAY, Gateway
 from proxy.gateway.settings import GatewaySettings
 
@@ -52,14 +55,17 @@ def setup(
     app: web.Application,
     directory: Directory,
     settings: GatewaySettings | None = None,
+    *,
+    replica_buckets: Callable[[], RemoteBuckets | None] | None = None,
 ) -> Gateway:
     """Install the gateway: its state (owned by the app's ``cleanup_ctx``), the readiness check
     of the directory, and the forwarding routes. Call after :func:`setup_ops` and after every
-    module adding fixed routes (the admin API): the ``/{domain}/...`` routes come last."""
+    module adding fixed routes (the admin API): the ``/{domain}/...`` routes come last.
+    ``replica_buckets`` (called at start) gives rate-limit buckets shared by proxy replicas."""
     if ops.READY_CHECKS not in app:
         setup_ops(app, access_log=(settings or GatewaySettings()).access_log)
     metrics = GatewayMetrics()
-    gateway = Gateway(directory, settings, metrics=metrics)
+    gateway = Gateway(directory, settings, metrics=metrics, replica_buckets=replica_buckets)
     app[GATEWAY] = gateway
     app[METRICS] = metrics
     app.cleanup_ctx.append(gateway.cleanup_ctx)

@@ -613,7 +613,7 @@ def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Futu
             completion_tokens=completion or 0,
         )
         if ex.limits is not None:
-            gw.limiter.charge(caller, ex.limits, usage.total)
+            gw.charge(caller, ex.limits, usage.total)
     row = AuditRecord(
         domain_id=caller.domain_id,
         user_id=caller.user_id,
@@ -762,7 +762,7 @@ async def _admit(gw: Gateway, caller: Caller) -> DomainLimits:
     """The domain's limits, once the request fits under them (else 429 with Retry-After)."""
     limits = await gw.cache.limits(caller.domain_id)
     try:
-        gw.limiter.admit(caller, limits)
+        await gw.admit(caller, limits)
     except LimitExceeded as exc:
         gw.metrics.rate_limited.labels(limit=exc.which).inc()
         raise GatewayError(

@@ -15,20 +15,24 @@ Where the buckets live:
   fraction of its limit). An admission or a charge reads and updates its buckets under one
   ``flock`` of that file: microseconds, never a wait on I/O.
 
-Separate proxy replicas (hosts) each enforce the whole limit.
+- :class:`ReplicaRateLimiter`: in the database that proxy replicas (hosts) share
+  (``--rate-limits database``, PostgreSQL; :mod:`proxy.db.ratelimits`), so the replicas
+  together enforce each limit once; one round trip per admission of a limited caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import math
 import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -37,10 +41,16 @@ from proxy.directory import Caller, DomainLimits
 __all__ = [
     "Bucket",
     "BucketStore",
+    "LimitCheck",
     "LimitExceeded",
+    "LimitsUnavailable",
     "LocalBuckets",
     "RateLimiter",
+    "RemoteBuckets",
+    "ReplicaRateLimiter",
     "SharedBuckets",
+    "limit_checks",
+    "token_key",
 ]
 
 
@@ -240,6 +250,45 @@ class SharedBuckets:
         os.close(self._fd)
 
 
+LimitCheck = tuple[str, str, int, bool]
+"""Which limit (``LimitExceeded.which``), its bucket's key, its limit, and whether a request
+takes a unit from it (a request bucket) or only needs a balance that is not negative."""
+
+
+def token_key(caller: Caller) -> str:
+    # A PAT is limited on its own; a session token by its user (in that domain).
+    if caller.token_id is not None:
+        return f"token:{caller.token_id}"
+    return f"user:{caller.domain_id}/{caller.user_id}"
+
+
+def limit_checks(
+    caller: Caller, limits: DomainLimits, *, admitting: bool = True
+) -> list[LimitCheck]:
+    """The buckets a request of ``caller`` falls under. Admitting, a limit of 0 refuses at
+    once (:class:`LimitExceeded`); charging, it is skipped."""
+    checks: list[LimitCheck] = []
+    if limits.requests_per_minute is not None:
+        checks.append(
+            ("domain_requests", f"dr:{caller.domain_id}", limits.requests_per_minute, True)
+        )
+    if limits.token_requests_per_minute is not None:
+        checks.append(
+            ("token_requests", f"tr:{token_key(caller)}", limits.token_requests_per_minute, True)
+        )
+    if limits.tokens_per_minute is not None:
+        checks.append(("domain_tokens", f"dt:{caller.domain_id}", limits.tokens_per_minute, False))
+    if limits.token_tokens_per_minute is not None:
+        checks.append(
+            ("token_tokens", f"tt:{token_key(caller)}", limits.token_tokens_per_minute, False)
+        )
+    if any(c[2] <= 0 for c in checks):
+        if admitting:
+            raise LimitExceeded(next(c[0] for c in checks if c[2] <= 0), 60)
+        checks = [c for c in checks if c[2] > 0]
+    return checks
+
+
 class RateLimiter:
     """Admits requests and charges tokens against the buckets in ``store``."""
 
@@ -249,44 +298,12 @@ class RateLimiter:
         self._clock = clock
         self.store: BucketStore = store if store is not None else LocalBuckets()
 
-    @staticmethod
-    def token_key(caller: Caller) -> tuple[str, str]:
-        # A PAT is limited on its own; a session token by its user (in that domain).
-        if caller.token_id is not None:
-            return ("token", caller.token_id)
-        return ("user", f"{caller.domain_id}/{caller.user_id}")
-
-    def _limits(
-        self, caller: Caller, limits: DomainLimits
-    ) -> Iterable[tuple[str, Hashable, int, bool]]:
-        if limits.requests_per_minute is not None:
-            yield "domain_requests", ("dr", caller.domain_id), limits.requests_per_minute, True
-        if limits.token_requests_per_minute is not None:
-            yield (
-                "token_requests",
-                ("tr", *self.token_key(caller)),
-                limits.token_requests_per_minute,
-                True,
-            )
-        if limits.tokens_per_minute is not None:
-            yield "domain_tokens", ("dt", caller.domain_id), limits.tokens_per_minute, False
-        if limits.token_tokens_per_minute is not None:
-            yield (
-                "token_tokens",
-                ("tt", *self.token_key(caller)),
-                limits.token_tokens_per_minute,
-                False,
-            )
-
     def admit(self, caller: Caller, limits: DomainLimits) -> None:
         """Take one request from every request bucket, or raise :class:`LimitExceeded`
         (taking nothing) if any bucket is empty."""
-        checks = list(self._limits(caller, limits))
+        checks = limit_checks(caller, limits)
         if not checks:
             return
-        for which, _, limit, _ in checks:
-            if limit <= 0:
-                raise LimitExceeded(which, 60)
         store = self.store
         with store.locked():
             now = self._clock()
@@ -310,7 +327,7 @@ class RateLimiter:
         """Charge the tokens a request used to the token buckets."""
         if tokens <= 0:
             return
-        checks = [c for c in self._limits(caller, limits) if not c[3] and c[2] > 0]
+        checks = [c for c in limit_checks(caller, limits, admitting=False) if not c[3]]
         if not checks:
             return
         store = self.store
@@ -320,3 +337,108 @@ class RateLimiter:
                 bucket = store.get(key, limit, now)
                 bucket.level -= tokens
                 store.put(bucket)
+
+
+class RemoteBuckets(Protocol):
+    """Buckets every proxy replica shares (:class:`proxy.db.ratelimits.DatabaseBuckets`)."""
+
+    async def admit(
+        self, keys: Sequence[str], limits: Sequence[int], requests: Sequence[bool]
+    ) -> tuple[int, float] | None:
+        """Take a unit from every request bucket, or nothing: then (index of the check that
+        refused, seconds until it admits)."""
+
+    async def charge(self, charges: Sequence[tuple[str, int, int]]) -> None:
+        """Charge ``(key, limit, tokens)``, each key once."""
+
+    async def prune(self) -> int:
+        """Forget the buckets that have refilled."""
+
+    async def close(self) -> None:
+        """Release the store's connections."""
+
+
+class LimitsUnavailable(Exception):
+    """The shared buckets could not be reached: the request is refused (fail closed)."""
+
+
+class ReplicaRateLimiter:
+    """The limits of :class:`RateLimiter`, enforced once across proxy replicas by buckets they
+    share (``cube-proxy --rate-limits database``): an admission is one round trip to the
+    store; charges are summed here and written every ``flush_interval``."""
+
+    def __init__(
+        self,
+        store: RemoteBuckets,
+        *,
+        flush_interval: float = 0.05,
+        prune_interval: float = 60.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        self.prune_interval = prune_interval
+        self._log = log or logging.getLogger("cube.proxy.ratelimit")
+        self._pending: dict[str, list[int]] = {}  # key -> [limit, tokens]
+        self._task: asyncio.Task[None] | None = None
+
+    async def admit(self, caller: Caller, limits: DomainLimits) -> None:
+        """As :meth:`RateLimiter.admit`; :class:`LimitsUnavailable` when the store fails."""
+        checks = limit_checks(caller, limits)
+        if not checks:
+            return
+        try:
+            refused = await self.store.admit(
+                [c[1] for c in checks], [c[2] for c in checks], [c[3] for c in checks]
+            )
+        except Exception as exc:  # the driver's errors: connection, timeout, server
+            raise LimitsUnavailable(type(exc).__name__) from None
+        if refused is not None:
+            index, wait = refused
+            raise LimitExceeded(checks[index][0], max(1, math.ceil(wait)))
+
+    def charge(self, caller: Caller, limits: DomainLimits, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        for _, key, limit, is_request in limit_checks(caller, limits, admitting=False):
+            if not is_request:
+                entry = self._pending.setdefault(key, [limit, 0])
+                entry[0] = limit
+                entry[1] += tokens
+
+    async def flush(self) -> None:
+        """Write the charges summed since the last flush (kept for the next one on failure)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        try:
+            await self.store.charge([(k, v[0], v[1]) for k, v in sorted(pending.items())])
+        except Exception as exc:
+            self._log.warning("could not write rate-limit charges: %s", type(exc).__name__)
+            for key, (limit, tokens) in pending.items():
+                entry = self._pending.setdefault(key, [limit, 0])
+                entry[1] += tokens
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="rate-limit-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+        await self.store.close()
+
+    async def _run(self) -> None:
+        next_prune = time.monotonic() + self.prune_interval
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_interval
+                try:
+                    await self.store.prune()
+                except Exception as exc:
+                    self._log.warning("could not prune rate-limit buckets: %s", type(exc).__name__)

@@ -18,14 +18,20 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from attestation.errors import AttestationError
-from proxy.directory import AuditRecord, Caller, Directory, TokenSigner
+from proxy.directory import AuditRecord, Caller, Directory, DomainLimits, TokenSigner
 from proxy.gateway.agents import Agent, AgentFailure, AgentPool
 from proxy.gateway.attest import AttestationGate, LoadedPolicy, load_policy_bytes
 from proxy.gateway.cache import DirectoryCache
 from proxy.gateway.errors import GatewayError
 from proxy.gateway.metering import AuditWriter
 from proxy.gateway.metrics import GatewayMetrics
-from proxy.gateway.ratelimit import RateLimiter, SharedBuckets
+from proxy.gateway.ratelimit import (
+    LimitsUnavailable,
+    RateLimiter,
+    RemoteBuckets,
+    ReplicaRateLimiter,
+    SharedBuckets,
+)
 from proxy.gateway.settings import GatewaySettings
 from proxy.gateway.upstream import CertificateMismatch, UpstreamError, UpstreamPool
 
@@ -44,7 +50,10 @@ class Gateway:
         *,
         metrics: GatewayMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        replica_buckets: Callable[[], RemoteBuckets | None] | None = None,
     ) -> None:
+        """``replica_buckets``, called at start, gives the buckets that proxy replicas share
+        (None: the limits are kept on this host, by :attr:`limiter`)."""
         self.directory = directory
         self.settings = (settings or GatewaySettings()).validate()
         self.metrics = metrics if metrics is not None else GatewayMetrics()
@@ -71,6 +80,8 @@ class Gateway:
         self.limiter = RateLimiter(
             clock=clock, store=SharedBuckets(shared) if shared is not None else None
         )
+        self._replica_buckets = replica_buckets
+        self.replica_limiter: ReplicaRateLimiter | None = None
         self._policies: dict[bytes, LoadedPolicy] = {}
         self._tokens: dict[tuple[Caller, str | None], tuple[float, str]] = {}
         self.upstream = UpstreamPool(
@@ -88,6 +99,12 @@ class Gateway:
     async def start(self) -> None:
         await self.gate.start()
         self.writer.start()
+        store = self._replica_buckets() if self._replica_buckets is not None else None
+        if store is not None:
+            self.replica_limiter = ReplicaRateLimiter(
+                store, flush_interval=self.settings.audit_flush_interval
+            )
+            self.replica_limiter.start()
         self._health_task = asyncio.get_running_loop().create_task(
             self._health_loop(), name="agent-health"
         )
@@ -102,6 +119,8 @@ class Gateway:
             if agent.verifying is not None:
                 agent.verifying.cancel()
         await self.writer.close()
+        if self.replica_limiter is not None:
+            await self.replica_limiter.close()
         await self.gate.close()
         await self.upstream.close()
 
@@ -112,6 +131,30 @@ class Gateway:
             yield
         finally:
             await self.close()
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    async def admit(self, caller: Caller, limits: DomainLimits) -> None:
+        """Raise :class:`LimitExceeded` when a limit refuses the request, or 503 when the
+        buckets the replicas share cannot be reached (fail closed)."""
+        if self.replica_limiter is None:
+            self.limiter.admit(caller, limits)
+            return
+        try:
+            await self.replica_limiter.admit(caller, limits)
+        except LimitsUnavailable as exc:
+            log.warning("rate limits unavailable: %s", exc)
+            raise GatewayError(
+                503,
+                "the rate limits shared by the proxy replicas cannot be checked; retry later",
+                code="limits_unavailable",
+            ) from None
+
+    def charge(self, caller: Caller, limits: DomainLimits, tokens: int) -> None:
+        if self.replica_limiter is None:
+            self.limiter.charge(caller, limits, tokens)
+        else:
+            self.replica_limiter.charge(caller, limits, tokens)
 
     # -- directory-backed lookups -------------------------------------------------------------
 
