@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from agent.ops import configure_logging
     from agent.server import run
 
-    configure_logging(config.log_level)
+    # The access log writes a line per request: in batches (warnings at once), as the proxy.
+    configure_logging(config.log_level, batch_seconds=0.2)
     return run(config)
 
 

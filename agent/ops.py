@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.config import AgentConfig
 from agent.metrics import METRICS
-from cube._logging import JsonFormatter, configure_logging
+from cube._logging import JsonFormatter, configure_logging, log_line
 
 __all__ = [
     "READY_CHECKS",
@@ -100,16 +100,15 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         status = response.status
         return response
     finally:
-        access_log.info(
+        log_line(
+            access_log,
             "request",
-            extra={
-                "fields": {
-                    "method": request.method,
-                    "route": _route(request),
-                    "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                    "request_id": request_id,
-                }
+            {
+                "method": request.method,
+                "route": _route(request),
+                "status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "request_id": request_id,
             },
         )
 
