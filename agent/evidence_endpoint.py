@@ -26,6 +26,7 @@ from agent.config import AgentConfig
 from agent.identity import AgentIdentity
 from agent.metrics import AgentMetrics
 from agent.ops import json_error
+from agent.tls import TLS_IDENTITIES
 from attestation.errors import AttestationError, DeviceBusyError, MalformedError
 from attestation.evidence import NONCE_MAX_BYTES, EvidenceCollector, parse_nonce
 
@@ -102,19 +103,21 @@ class EvidenceService:
     def platform(self) -> str:
         return self.collector.platform
 
-    def claims(self) -> bytes:
-        return self.identity.claims(
+    def claims(self, identity: AgentIdentity | None = None) -> bytes:
+        """The claims naming ``identity``'s certificate (default: the current one)."""
+        return (identity or self.identity).claims(
             self.config,
             model_digest=self.model_digest,
             tpm_ak_sha256=self.tpm_ak_sha256,
             now=self._wall_clock(),
         )
 
-    async def collect(self, nonce: bytes) -> bytes:
-        """One evidence document for ``nonce`` (serialised). Records the outcome."""
+    async def collect(self, nonce: bytes, identity: AgentIdentity | None = None) -> bytes:
+        """One evidence document for ``nonce`` (serialised), naming ``identity``'s certificate
+        (default: the current one). Records the outcome."""
         async with self._lock:
             try:
-                document = await self.collector.acollect(nonce, self.claims())
+                document = await self.collector.acollect(nonce, self.claims(identity))
             except DeviceBusyError:
                 self.metrics.evidence.labels(outcome="busy").inc()
                 self.last_error = "the TEE device is busy"
@@ -185,7 +188,10 @@ async def attestation(request: web.Request) -> web.Response:
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
     try:
-        document = await service.collect(nonce)
+        # The certificate this connection presented, even if the key rotated since.
+        tls = request.app.get(TLS_IDENTITIES)
+        identity = tls.for_connection(request.transport) if tls is not None else None
+        document = await service.collect(nonce, identity)
     except DeviceBusyError:
         return json_error(
             503,

@@ -55,8 +55,10 @@ def _version() -> str:
 
 #: The version the claims carry (the installed ``cube`` distribution).
 AGENT_VERSION = _version()
-#: How long the self-signed certificate is valid. Keys live as long as the process; clients pin
-#: the attested certificate hash, so the validity window only bounds a leaked certificate's use.
+#: How long a self-signed certificate is valid when no rotation interval says otherwise. The
+#: agent replaces its TLS key and certificate every ``tls_rotate_seconds`` (agent.tls) with a
+#: validity of twice that; verifiers (the proxy, cube_client) refuse an expired attested
+#: certificate, so the window bounds how long a leaked TLS key could be used.
 DEFAULT_VALIDITY = timedelta(days=7)
 #: The HPKE suite of the agent's key: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305.
 HPKE_SUITE = hpke_mod.Suite(
@@ -121,43 +123,26 @@ class AgentIdentity:
         now: datetime | None = None,
     ) -> AgentIdentity:
         """Fresh keys and a self-signed certificate for ``localhost``, loopback and ``names``."""
-        if validity <= timedelta(0):
-            raise IdentityError("certificate validity must be positive")
-        now = now or datetime.now(UTC)
-        tls_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cube-agent")])
-        public = tls_key.public_key()
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + validity)
-            .add_extension(x509.SubjectAlternativeName(_subject_alt_names(names)), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(tls_key, hashes.SHA256())
-        )
+        tls_key, certificate = _new_certificate(names, validity, now)
         return cls(
             tls_key=tls_key, certificate=certificate, hpke_key=x25519.X25519PrivateKey.generate()
         )
+
+    def with_new_tls_key(
+        self,
+        names: Sequence[str] = (),
+        *,
+        validity: timedelta = DEFAULT_VALIDITY,
+        now: datetime | None = None,
+    ) -> AgentIdentity:
+        """A new TLS key and certificate, the same HPKE key (sealed requests in flight, and
+        clients that verified the HPKE key, keep working across a TLS rotation)."""
+        tls_key, certificate = _new_certificate(names, validity, now)
+        return AgentIdentity(tls_key=tls_key, certificate=certificate, hpke_key=self._hpke_key)
+
+    @property
+    def not_valid_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
 
     # -- TLS ---------------------------------------------------------------------------------
 
@@ -210,6 +195,46 @@ class AgentIdentity:
                 raise IdentityError("tpm_ak_sha256 must be 32 bytes")
             claims["tpm_ak_sha256"] = tpm_ak_sha256.hex()
         return encode_claims(claims)
+
+
+def _new_certificate(
+    names: Sequence[str], validity: timedelta, now: datetime | None
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    if validity <= timedelta(0):
+        raise IdentityError("certificate validity must be positive")
+    now = now or datetime.now(UTC)
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cube-agent")])
+    public = tls_key.public_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + validity)
+        .add_extension(x509.SubjectAlternativeName(_subject_alt_names(names)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(tls_key, hashes.SHA256())
+    )
+    return tls_key, certificate
 
 
 def _load_chain_from_memory(ctx: ssl.SSLContext, pem: bytes) -> None:

@@ -45,6 +45,7 @@ from agent.measure import (
     verify_model_dir,
 )
 from agent.metrics import AgentMetrics
+from agent.tls import TLS_IDENTITIES, TlsIdentities, validity_for
 from attestation.errors import AttestationError, CollectionError
 from attestation.evidence import EvidenceCollector
 from attestation.guest import ConfigfsTsm, TeeDevice, detect_tee
@@ -248,7 +249,9 @@ async def prepare(
             log.info(note)
 
         try:
-            identity = AgentIdentity.generate(config.tls_names)
+            identity = AgentIdentity.generate(
+                config.tls_names, validity=validity_for(config.tls_rotate_seconds)
+            )
         except IdentityError as exc:
             raise StartupError(f"invalid configuration: {exc}", exit_code=EXIT_CONFIG) from exc
         log.info(
@@ -307,6 +310,18 @@ class AgentServer:
             keys=prepared.keys,
             runtime_log=prepared.runtime_log,
         )
+        evidence = prepared.evidence
+
+        def rotated(identity: AgentIdentity) -> None:
+            evidence.identity = identity  # what trial collections (/ready) name
+
+        self.tls = TlsIdentities(
+            prepared.identity,
+            names=prepared.config.tls_names,
+            rotate_seconds=prepared.config.tls_rotate_seconds,
+            on_rotate=rotated,
+        )
+        self.app[TLS_IDENTITIES] = self.tls
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -317,7 +332,7 @@ class AgentServer:
         return f"https://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext:
-        return self.prepared.identity.ssl_context()
+        return self.tls.server_context()
 
     async def start(self) -> None:
         config = self.prepared.config
@@ -339,6 +354,7 @@ class AgentServer:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from exc
         self._runner = runner
+        self.tls.start()
         sockets = [s for s in (runner.addresses or [])]
         self.port = int(sockets[0][1]) if sockets else config.port
         log.info(
@@ -355,6 +371,7 @@ class AgentServer:
         )
 
     async def stop(self) -> None:
+        await self.tls.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

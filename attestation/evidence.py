@@ -52,6 +52,7 @@ __all__ = [
     "EvidenceDocument",
     "VerifiedEvidence",
     "binding_input",
+    "certificate_window",
     "check_platform_allowed",
     "encode_claims",
     "parse_evidence",
@@ -107,6 +108,19 @@ def report_data_for(nonce: bytes, claims: bytes) -> bytes:
 def tpm_qualifying_data_for(nonce: bytes, claims: bytes) -> bytes:
     """The 32 bytes a vTPM quote must carry as extraData."""
     return hashlib.sha256(binding_input(nonce, claims)).digest()
+
+
+def certificate_window(der: bytes) -> tuple[datetime, datetime]:
+    """(not before, not after) of an agent's TLS certificate (DER). The claims bind its hash;
+    its validity bounds how long the key behind it may be relied on (agents rotate it).
+    Raises :class:`MalformedError` when ``der`` is not a certificate."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise MalformedError("the TLS certificate is not a valid X.509 certificate") from None
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def encode_claims(claims: Mapping[str, object]) -> bytes:

@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 import httpcore2
 
 from attestation._checks import Checks
-from attestation.errors import BindingError, MalformedError
-from attestation.evidence import VerifiedEvidence, verify_evidence
+from attestation.errors import BindingError, MalformedError, ValidityError
+from attestation.evidence import VerifiedEvidence, certificate_window, verify_evidence
 from attestation.policy import Policy
 from cube_client._errors import ClientError
 from cube_client._net import (
@@ -327,6 +327,7 @@ def _conclude(
         )
     der = fetched.der or b""
     evidence = verify_evidence(fetched.body, nonce=nonce, policy=policy, now=now(), checks=checks)
+    expires_at = started + timedelta(seconds=policy.max_evidence_age_seconds)
     presented = hashlib.sha256(der).digest() if der else None
     bound = presented is not None and hmac.compare_digest(
         presented, evidence.claims.tls_cert_sha256
@@ -341,6 +342,18 @@ def _conclude(
             expected=evidence.claims.tls_cert_sha256,
             actual=presented if presented is not None else "no certificate",
         )
+        not_before, not_after = certificate_window(der)
+        verified_now = now()
+        checks.require(
+            not_before <= verified_now < not_after,
+            "tls.validity",
+            ValidityError,
+            "the attested TLS certificate is not valid now: its key may no longer be relied on "
+            "(agents replace it regularly; verify again)",
+            expected=f"{not_before.isoformat()} to {not_after.isoformat()}",
+            actual=verified_now.isoformat(),
+        )
+        expires_at = min(expires_at, not_after)
     else:
         checks.ok(
             "tls.certificate",
@@ -366,7 +379,7 @@ def _conclude(
         tls_bound=bound,
         nonce=nonce,
         verified_at=started,
-        expires_at=started + timedelta(seconds=policy.max_evidence_age_seconds),
+        expires_at=expires_at,
         hpke_public_key=key,
         checks=checks,
         via_proxy=endpoint.via_proxy,

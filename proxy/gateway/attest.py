@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 import aiohttp
 
 from attestation.errors import AttestationError
-from attestation.evidence import VerifiedEvidence, verify_evidence
+from attestation.evidence import VerifiedEvidence, certificate_window, verify_evidence
 from attestation.policy import Policy
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.metrics import GatewayMetrics
@@ -278,6 +278,19 @@ class AttestationGate:
                 "interception",
                 "certificate_mismatch",
             )
+        # The key behind the pin is relied on only while its certificate is valid (agents
+        # rotate theirs; a leaked key stops working when its certificate expires).
+        wall = self._wall_clock()
+        try:
+            not_before, not_after = certificate_window(der)
+        except AttestationError as exc:
+            raise failure(str(exc), "certificate_invalid") from None
+        if not not_before <= wall < not_after:
+            raise failure(
+                f"its attested TLS certificate is valid from {not_before.isoformat()} to "
+                f"{not_after.isoformat()}, not now ({wall.isoformat()})",
+                "certificate_expired",
+            )
         previous = agent.trust
         fingerprint = (
             previous.fingerprint
@@ -286,7 +299,10 @@ class AttestationGate:
         )
         # The evidence's age counts from when it was asked for (its claims' issue time is
         # after that); the policy bounds how long it is relied on.
-        max_age = float(policy.policy.max_evidence_age_seconds)
+        max_age = min(
+            float(policy.policy.max_evidence_age_seconds),
+            (not_after - wall).total_seconds(),
+        )
         return Trust(
             cert_sha256=presented,
             fingerprint=fingerprint,

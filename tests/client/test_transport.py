@@ -14,15 +14,24 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from agent.identity import AgentIdentity
-from attestation.errors import AttestationError, BindingError, PolicyError, SimulatedEvidenceError
+from attestation._checks import Checks
+from attestation.errors import (
+    AttestationError,
+    BindingError,
+    PolicyError,
+    SimulatedEvidenceError,
+    ValidityError,
+)
 from attestation.policy import Policy
 from cube_client import (
     AttestedClient,
@@ -349,3 +358,26 @@ def test_the_client_shows_its_verification(windowed_agent: Windowed, issuer: Tok
             return ahttp.attested is first and first.tls_bound
 
     assert asyncio.run(averify())
+
+
+def test_an_expired_agent_certificate_is_refused(
+    model: ModelDir, tmp_path: Path, issuer: TokenIssuer, fake_openai: FakeOpenAI
+) -> None:
+    """The attested certificate bounds how long its key is relied on: a verification expires
+    with it, and a certificate past its end is refused (agents replace theirs in time)."""
+    running = start_plain_agent(model, tmp_path, issuer, fake_openai.url, tls_rotate_seconds=1.0)
+    relay = RecordingRelay("127.0.0.1", running.port, server_ssl=running.tls_context()).start()
+    try:
+        asyncio.run_coroutine_threadsafe(running.server.tls.close(), running.loop).result(30)
+        identity = running.server.prepared.identity
+        attested = verify_endpoint(relay.url, sim_policy())
+        assert attested.cert_sha256 == identity.cert_sha256
+        assert attested.expires_at == identity.not_valid_after  # before the evidence's 300 s
+        time.sleep(max(0.0, (identity.not_valid_after - datetime.now(UTC)).total_seconds()) + 0.2)
+        checks = Checks()
+        with pytest.raises(ValidityError, match="not valid now"):
+            verify_endpoint(relay.url, sim_policy(), checks=checks)
+        assert [c.name for c in checks if not c.passed] == ["tls.validity"]
+    finally:
+        relay.stop()
+        running.stop()

@@ -24,6 +24,7 @@ from tests.proxy.fakes import FakeDirectory
 from tests.proxy.harness import (  # noqa: F401 - fixtures
     TEST_SETTINGS,
     Agents,
+    Domain,
     ProxyFactory,
     ProxyServer,
     agents,
@@ -45,6 +46,22 @@ def evidence_served(running: object) -> float:
     return float(running.prepared.metrics.evidence.labels(outcome="ok")._value.get())  # type: ignore[attr-defined]
 
 
+async def burst(server: ProxyServer, dom: Domain, n: int) -> list[int]:
+    """``n`` chat requests at once; their statuses."""
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> int:
+            async with session.post(
+                f"{server.url}/{dom.alias}/v1/chat/completions",
+                json={"model": "cube-tiny", "messages": []},
+                headers={"Authorization": f"Bearer {dom.member_token}"},
+            ) as response:
+                await response.read()
+                return response.status
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
 def test_concurrent_first_requests_share_one_verification(
     directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
@@ -52,21 +69,7 @@ def test_concurrent_first_requests_share_one_verification(
     server = proxy()
     before = evidence_served(dom.agent)
 
-    async def burst(n: int) -> list[int]:
-        async with aiohttp.ClientSession() as session:
-
-            async def one() -> int:
-                async with session.post(
-                    f"{server.url}/{dom.alias}/v1/chat/completions",
-                    json={"model": "cube-tiny", "messages": []},
-                    headers={"Authorization": f"Bearer {dom.member_token}"},
-                ) as response:
-                    await response.read()
-                    return response.status
-
-            return await asyncio.gather(*(one() for _ in range(n)))
-
-    statuses = asyncio.run(burst(24))
+    statuses = asyncio.run(burst(server, dom, 24))
     assert statuses == [200] * 24
     assert the_agent(server).verifications == 1
     assert evidence_served(dom.agent) - before == 1  # the agent produced exactly one document
@@ -351,3 +354,44 @@ def test_without_discovery_an_agent_is_verified_by_its_first_request(
     assert server.gateway.pool.all() == []
     assert server.chat(dom.alias, dom.member_token).status == 200
     assert server.gateway.metrics.verifications.labels(outcome="verified")._value.get() == 1
+
+
+def test_an_agent_rotating_its_tls_key_keeps_serving(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    """A rotation (agent.tls) while the proxy holds a pooled connection with the old pin: the
+    old connection keeps its certificate; new connections present the new one, which the proxy
+    re-verifies once and pins. No request fails, nothing is audited as a failure."""
+    dom = one_domain(directory, agents)
+    server = proxy()
+    assert server.chat(dom.alias, dom.member_token).status == 200
+    old = the_agent(server).trust
+    assert old is not None
+    rotated = dom.agent.call(dom.agent.server.tls.rotate())
+
+    # More requests at once than pooled connections: some need new ones.
+    assert asyncio.run(burst(server, dom, 6)) == [200] * 6
+    agent = the_agent(server)
+    assert agent.trust is not None and agent.trust.cert_sha256 == rotated.cert_sha256
+    assert agent.verifications == 2
+    server.flush()
+    assert not [r for r in directory.audits if r.event == "attestation_failed"]
+
+
+def test_an_expired_agent_certificate_is_refused(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    """An agent whose attested certificate expired (here: rotation every second, so valid for
+    two, and the rotation stopped) is refused: its key may no longer be relied on."""
+    dom = one_domain(directory, agents, tls_rotate_seconds=1.0)
+    dom.agent.call(dom.agent.server.tls.close())  # no more rotations
+    expires = dom.agent.server.tls.current.not_valid_after
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
+    server = proxy()
+    reply = server.chat(dom.alias, dom.member_token)
+    assert reply.status == 503
+    error = reply.json()["error"]
+    assert error["code"] == "certificate_expired" and "not now" in error["message"]
+    server.flush()
+    (event,) = [r for r in directory.audits if r.event == "attestation_failed"]
+    assert "TLS certificate is valid from" in (event.detail or "")
