@@ -247,12 +247,16 @@ def _supervise(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     with tempfile.TemporaryDirectory(prefix="cube-proxy-") as tmp:
+        from proxy.gateway.metrics import MULTIPROCESS_ENV
         from proxy.gateway.ratelimit import SharedBuckets
         from proxy.identity._cache import SharedGeneration
 
         shared = Path(tmp)
         SharedGeneration.create(shared / "generation").close()
         SharedBuckets.create(shared / "limits")
+        (shared / "metrics").mkdir(mode=0o700)
+        # Each worker writes its metrics there; /metrics reports them all (gateway.metrics).
+        worker_env = {**environ, MULTIPROCESS_ENV: str(shared / "metrics")}
         procs: list[subprocess.Popen[bytes]] = []
         failed = False
         try:
@@ -273,7 +277,7 @@ def _supervise(
                             "--worker-shared",
                             str(shared),
                         ],
-                        env=dict(environ),
+                        env=worker_env,
                         stdin=subprocess.DEVNULL,
                     )
                 )

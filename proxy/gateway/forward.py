@@ -552,6 +552,7 @@ async def forward(gw: Gateway, ex: Exchange, method: str, prep: Prepared, relay:
         if index:
             gw.metrics.failovers.inc()
         agent.in_flight += 1
+        gw.metrics.in_flight.inc()
         upstream: UpstreamResponse | None = None
         try:
             try:
@@ -573,6 +574,7 @@ async def forward(gw: Gateway, ex: Exchange, method: str, prep: Prepared, relay:
             return await relay(upstream, agent, trust)
         finally:
             agent.in_flight -= 1
+            gw.metrics.in_flight.dec()
             if upstream is not None:
                 if upstream.done:
                     upstream.release()

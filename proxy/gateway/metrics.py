@@ -2,14 +2,35 @@
 
 Labels never carry a domain, a user, a token or any request content: ``/metrics`` is an
 operator's view, not a tenant's.
+
+With ``cube-proxy --workers N`` each worker process writes its values to files in a directory
+the supervisor creates (``PROMETHEUS_MULTIPROC_DIR``, prometheus_client's multiprocess mode,
+chosen when the library is imported), and ``/metrics``, whichever worker answers, reports every
+worker together (:func:`exposition`): counters and histograms summed, ``cube_proxy_in_flight``
+summed over live workers, ``cube_proxy_agents`` the largest count any worker sees (each worker
+verifies agents itself).
 """
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
 
-__all__ = ["KNOWN_ROUTES", "METRICS", "GatewayMetrics", "metric_route", "observe_request"]
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = [
+    "KNOWN_ROUTES",
+    "METRICS",
+    "MULTIPROCESS_ENV",
+    "GatewayMetrics",
+    "exposition",
+    "metric_route",
+    "observe_request",
+]
+
+#: Set by the supervisor for its workers (read by prometheus_client when imported).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Routes that get their own label; any other path is "other" (paths are client-chosen: a
 #: label per path would let anyone grow the metrics without bound).
@@ -57,7 +78,10 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "cube_proxy_in_flight", "Requests being forwarded right now", registry=r
+            "cube_proxy_in_flight",
+            "Requests being forwarded right now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.verifications = Counter(
             "cube_proxy_attestations",
@@ -97,11 +121,26 @@ class GatewayMetrics:
         )
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.agents = Gauge(
-            "cube_proxy_agents", "Agents known to the gateway by state", ["state"], registry=r
+            "cube_proxy_agents",
+            "Agents known to the gateway by state",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
 
 
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
+
+
+def exposition(metrics: GatewayMetrics) -> bytes:
+    """The text ``/metrics`` serves: this process's registry, or, in a worker of several, every
+    worker's values together (read from their files at each scrape)."""
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
+        return generate_latest(metrics.registry)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
 
 
 def observe_request(metrics: GatewayMetrics, route: str, status: int, added_ms: float) -> None:

@@ -24,11 +24,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from cube._logging import JsonFormatter, configure_logging, log_line
 from proxy.gateway.errors import json_error
-from proxy.gateway.metrics import METRICS
+from proxy.gateway.metrics import METRICS, exposition
 
 __all__ = [
     "LOG_FIELDS",
@@ -148,7 +148,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = exposition(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

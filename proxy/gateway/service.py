@@ -89,10 +89,6 @@ class Gateway:
             keepalive=self.settings.agent_keepalive,
         )
         self._health_task: asyncio.Task[None] | None = None
-        # Read when /metrics is scraped, not counted per request.
-        self.metrics.in_flight.set_function(
-            lambda: float(sum(a.in_flight for a in self.pool.all()))
-        )
 
     # -- lifecycle --------------------------------------------------------------------------
 

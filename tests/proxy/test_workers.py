@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.proxy.processes import ProxyProcess
 
@@ -136,4 +138,67 @@ def test_workers_enforce_each_rate_limit_once_together(tmp_path: Path) -> None:
         # ...and no worker admits more: every new connection, whichever worker takes it, is
         # refused (a worker with buckets of its own would admit six more).
         assert set(_statuses(proxy, "/acme/v1/models", pat["token"], 16)) == {429}
+        assert proxy.stop() == 0
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        key, _, rest = sample.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if key == name and found == want:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_report_every_worker_together(tmp_path: Path) -> None:
+    """Whichever worker answers ``/metrics``, it reports the requests of all of them."""
+    proxy = ProxyProcess(
+        f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
+    )
+    with proxy:
+        assert proxy.proc is not None
+        workers = _children(proxy.proc.pid)
+        admin = proxy.login()
+        proxy.admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
+        pat = proxy.admin("POST", "/admin/tokens", {"domain": "acme", "name": "t"}, token=admin)
+        assert set(_statuses(proxy, "/acme/v1/models", pat["token"], 30)) == {503}
+        # Each worker counted some of them (the kernel spread the 30 connections)...
+        directory = Path(
+            dict(
+                entry.split("=", 1)
+                for entry in Path(f"/proc/{workers[0]}/environ").read_text().split("\0")
+                if "=" in entry
+            )["PROMETHEUS_MULTIPROC_DIR"]
+        )
+        per_worker = []
+        for pid in workers:
+            registry = CollectorRegistry()
+            collector = MultiProcessCollector(registry, path=str(directory))
+            files = [str(directory / f"counter_{pid}.db")]
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for metric in collector.merge(files, accumulate=True)
+                for s in metric.samples
+            }
+            per_worker.append(
+                samples.get(
+                    ("cube_proxy_requests_total", (("route", "/v1/models"), ("status", "503"))),
+                    0.0,
+                )
+            )
+        assert sum(per_worker) == 30 and all(n > 0 for n in per_worker), per_worker
+        # ...and every scrape, whichever worker takes it, reports all 30.
+        for _ in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            total = _metric(text, "cube_proxy_requests_total", route="/v1/models", status="503")
+            assert total == 30, text
+            assert _metric(text, "cube_proxy_in_flight") == 0
         assert proxy.stop() == 0
