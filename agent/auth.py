@@ -53,6 +53,7 @@ from agent.config import AgentConfig
 from agent.metrics import METRICS
 from agent.ops import REQUEST_ID, json_error
 from agent.principal import PRINCIPAL, Principal
+from cube._tasks import cancel_and_wait
 
 __all__ = [
     "ALGORITHMS",
@@ -440,9 +441,7 @@ class JwksFetcher:
             try:
                 yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
 
 
 VERIFIER = web.AppKey("token_verifier", TokenVerifier)

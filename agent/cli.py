@@ -35,7 +35,7 @@ _HELP = {
     "host": "address to listen on (HTTPS)",
     "port": "port to listen on",
     "tls_names": "extra DNS names / IPs for the certificate (comma-separated)",
-    "tls_rotate_seconds": "replace the TLS key and certificate this often (seconds)",
+    "key_rotate_seconds": "replace the TLS and HPKE keys this often (seconds)",
     "backend": "backend kind",
     "backend_url": "the backend's URL (loopback only)",
     "model_name": "the model served (as the backend names it)",

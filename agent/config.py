@@ -48,8 +48,8 @@ class AgentConfig:
     host: str = "0.0.0.0"  # noqa: S104 - inside the VM the agent is the one exposed service
     port: int = 8443
     tls_names: tuple[str, ...] = ()
-    # The TLS key and certificate are replaced this often (each valid for twice as long).
-    tls_rotate_seconds: float = 86400.0
+    # The TLS and HPKE keys are replaced this often (each certificate valid for twice as long).
+    key_rotate_seconds: float = 86400.0
     # The backend, always on loopback inside the VM.
     backend: BackendKind = "vllm"
     backend_url: str = "http://127.0.0.1:8000"
@@ -114,8 +114,8 @@ class AgentConfig:
             raise ConfigError("jwks_url must be an https:// URL")
         if self.evidence_rate_per_second <= 0 or self.evidence_burst < 1:
             raise ConfigError("evidence_rate_per_second must be > 0 and evidence_burst >= 1")
-        if not 1 <= self.tls_rotate_seconds <= 90 * 86400:
-            raise ConfigError("tls_rotate_seconds must be between 1 and 7776000 (90 days)")
+        if not 1 <= self.key_rotate_seconds <= 90 * 86400:
+            raise ConfigError("key_rotate_seconds must be between 1 and 7776000 (90 days)")
         if self.backend_connect_timeout <= 0:
             raise ConfigError("backend_connect_timeout must be > 0")
         if self.log_level.lower() not in _LOG_LEVELS:

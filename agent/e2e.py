@@ -43,6 +43,7 @@ from cube_client.e2e import (
     ResponseSealer,
     key_id,
     open_request,
+    request_key_id,
     split_records,
     usage_header,
     usage_record,
@@ -50,6 +51,7 @@ from cube_client.e2e import (
 
 __all__ = [
     "E2E",
+    "KEPT_KEYS",
     "MAX_SEEN",
     "SEALER",
     "WINDOW_SECONDS",
@@ -123,13 +125,33 @@ class ReplayCache:
             self._seen[enc] = now
 
 
+#: HPKE keys a sealed request may be addressed to: the current one and the one before it (a
+#: client that verified just before a rotation); older ones answer 421 (verify again).
+KEPT_KEYS: Final = 2
+
+
 class E2EState:
-    """What opening sealed requests needs: the key holder and the replay cache."""
+    """What opening sealed requests needs: the key holders and the replay cache."""
 
     def __init__(self, identity: AgentIdentity, replay: ReplayCache | None = None) -> None:
-        self.key_id = key_id(identity.hpke_public_key)
-        self.decrypt = identity.hpke_decrypt
         self.replay = replay if replay is not None else ReplayCache()
+        self._keys: OrderedDict[bytes, Callable[[bytes, bytes], bytes]] = OrderedDict()
+        self.add(identity)
+
+    def add(self, identity: AgentIdentity) -> None:
+        """A new current key (agent.rotation); the oldest beyond :data:`KEPT_KEYS` is dropped,
+        so nothing sealed to it opens any more."""
+        self._keys[key_id(identity.hpke_public_key)] = identity.hpke_decrypt
+        while len(self._keys) > KEPT_KEYS:
+            self._keys.popitem(last=False)
+
+    @property
+    def key_id(self) -> bytes:
+        """The current key's id."""
+        return next(reversed(self._keys))
+
+    def decrypter(self, recipient: bytes) -> Callable[[bytes, bytes], bytes] | None:
+        return self._keys.get(recipient)
 
 
 E2E = web.AppKey("e2e", E2EState)
@@ -155,8 +177,17 @@ def _body_model(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def _no_key(ciphertext: bytes, info: bytes) -> bytes:
+    raise ValueError("no such key")
+
+
 def _open(state: E2EState, request: web.Request, envelope: bytes) -> tuple[ResponseSealer, bytes]:
-    opened = open_request(envelope, recipient_key_id=state.key_id, decrypt=state.decrypt)
+    recipient = request_key_id(envelope)
+    decrypt = state.decrypter(recipient)
+    if decrypt is None:  # open_request refuses it: 421, verify again
+        opened = open_request(envelope, recipient_key_id=state.key_id, decrypt=_no_key)
+    else:
+        opened = open_request(envelope, recipient_key_id=recipient, decrypt=decrypt)
     meta = opened.meta
     if meta.method != request.method or meta.path != request.path:
         raise EnvelopeError(

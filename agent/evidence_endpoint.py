@@ -26,7 +26,7 @@ from agent.config import AgentConfig
 from agent.identity import AgentIdentity
 from agent.metrics import AgentMetrics
 from agent.ops import json_error
-from agent.tls import TLS_IDENTITIES
+from agent.rotation import KEY_ROTATION
 from attestation.errors import AttestationError, DeviceBusyError, MalformedError
 from attestation.evidence import NONCE_MAX_BYTES, EvidenceCollector, parse_nonce
 
@@ -104,11 +104,13 @@ class EvidenceService:
         return self.collector.platform
 
     def claims(self, identity: AgentIdentity | None = None) -> bytes:
-        """The claims naming ``identity``'s certificate (default: the current one)."""
+        """The claims naming ``identity``'s certificate (default: the current one) and the
+        current HPKE key."""
         return (identity or self.identity).claims(
             self.config,
             model_digest=self.model_digest,
             tpm_ak_sha256=self.tpm_ak_sha256,
+            hpke_public_key=self.identity.hpke_public_key,
             now=self._wall_clock(),
         )
 
@@ -189,8 +191,8 @@ async def attestation(request: web.Request) -> web.Response:
         )
     try:
         # The certificate this connection presented, even if the key rotated since.
-        tls = request.app.get(TLS_IDENTITIES)
-        identity = tls.for_connection(request.transport) if tls is not None else None
+        rotation = request.app.get(KEY_ROTATION)
+        identity = rotation.for_connection(request.transport) if rotation is not None else None
         document = await service.collect(nonce, identity)
     except DeviceBusyError:
         return json_error(

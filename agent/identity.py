@@ -56,9 +56,9 @@ def _version() -> str:
 #: The version the claims carry (the installed ``cube`` distribution).
 AGENT_VERSION = _version()
 #: How long a self-signed certificate is valid when no rotation interval says otherwise. The
-#: agent replaces its TLS key and certificate every ``tls_rotate_seconds`` (agent.tls) with a
-#: validity of twice that; verifiers (the proxy, cube_client) refuse an expired attested
-#: certificate, so the window bounds how long a leaked TLS key could be used.
+#: agent replaces its keys every ``key_rotate_seconds`` (agent.rotation), each certificate valid
+#: for twice that; verifiers (the proxy, cube_client) refuse an expired attested certificate, so
+#: the window bounds how long a leaked TLS key could be used.
 DEFAULT_VALIDITY = timedelta(days=7)
 #: The HPKE suite of the agent's key: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305.
 HPKE_SUITE = hpke_mod.Suite(
@@ -128,18 +128,6 @@ class AgentIdentity:
             tls_key=tls_key, certificate=certificate, hpke_key=x25519.X25519PrivateKey.generate()
         )
 
-    def with_new_tls_key(
-        self,
-        names: Sequence[str] = (),
-        *,
-        validity: timedelta = DEFAULT_VALIDITY,
-        now: datetime | None = None,
-    ) -> AgentIdentity:
-        """A new TLS key and certificate, the same HPKE key (sealed requests in flight, and
-        clients that verified the HPKE key, keep working across a TLS rotation)."""
-        tls_key, certificate = _new_certificate(names, validity, now)
-        return AgentIdentity(tls_key=tls_key, certificate=certificate, hpke_key=self._hpke_key)
-
     @property
     def not_valid_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
@@ -175,16 +163,18 @@ class AgentIdentity:
         *,
         model_digest: str | None = None,
         tpm_ak_sha256: bytes | None = None,
+        hpke_public_key: bytes | None = None,
         now: datetime | None = None,
     ) -> bytes:
-        """The ``cube-evidence/1`` claims bytes for one evidence request."""
+        """The ``cube-evidence/1`` claims bytes for one evidence request, naming this identity's
+        certificate and ``hpke_public_key`` (default: this identity's)."""
         digest = model_digest or config.model_digest
         if digest is None:
             raise IdentityError("no model digest: the claims must name the model's weights")
         issued = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
         claims: dict[str, object] = {
             "tls_cert_sha256": self.cert_sha256.hex(),
-            "hpke_public_key": base64.b64encode(self.hpke_public_key).decode(),
+            "hpke_public_key": base64.b64encode(hpke_public_key or self.hpke_public_key).decode(),
             "model": {"name": config.model_name, "digest": digest},
             "config_digest": config.digest(),
             "agent_version": AGENT_VERSION,

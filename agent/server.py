@@ -34,6 +34,7 @@ from aiohttp import web
 from agent.app import create_app
 from agent.auth import JwksError, KeySet
 from agent.config import AgentConfig, ConfigError
+from agent.e2e import E2E
 from agent.evidence_endpoint import EvidenceService
 from agent.identity import AGENT_VERSION, AgentIdentity, IdentityError
 from agent.measure import (
@@ -45,7 +46,7 @@ from agent.measure import (
     verify_model_dir,
 )
 from agent.metrics import AgentMetrics
-from agent.tls import TLS_IDENTITIES, TlsIdentities, validity_for
+from agent.rotation import KEY_ROTATION, KeyRotation, validity_for
 from attestation.errors import AttestationError, CollectionError
 from attestation.evidence import EvidenceCollector
 from attestation.guest import ConfigfsTsm, TeeDevice, detect_tee
@@ -250,7 +251,7 @@ async def prepare(
 
         try:
             identity = AgentIdentity.generate(
-                config.tls_names, validity=validity_for(config.tls_rotate_seconds)
+                config.tls_names, validity=validity_for(config.key_rotate_seconds)
             )
         except IdentityError as exc:
             raise StartupError(f"invalid configuration: {exc}", exit_code=EXIT_CONFIG) from exc
@@ -311,17 +312,20 @@ class AgentServer:
             runtime_log=prepared.runtime_log,
         )
         evidence = prepared.evidence
+        sealed = self.app.get(E2E)
 
         def rotated(identity: AgentIdentity) -> None:
-            evidence.identity = identity  # what trial collections (/ready) name
+            evidence.identity = identity  # the current HPKE key, named by every claims
+            if sealed is not None:
+                sealed.add(identity)  # opens sealed requests (with the key before it)
 
-        self.tls = TlsIdentities(
+        self.rotation = KeyRotation(
             prepared.identity,
             names=prepared.config.tls_names,
-            rotate_seconds=prepared.config.tls_rotate_seconds,
+            rotate_seconds=prepared.config.key_rotate_seconds,
             on_rotate=rotated,
         )
-        self.app[TLS_IDENTITIES] = self.tls
+        self.app[KEY_ROTATION] = self.rotation
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -332,7 +336,7 @@ class AgentServer:
         return f"https://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext:
-        return self.tls.server_context()
+        return self.rotation.server_context()
 
     async def start(self) -> None:
         config = self.prepared.config
@@ -354,7 +358,7 @@ class AgentServer:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from exc
         self._runner = runner
-        self.tls.start()
+        self.rotation.start()
         sockets = [s for s in (runner.addresses or [])]
         self.port = int(sockets[0][1]) if sockets else config.port
         log.info(
@@ -371,7 +375,7 @@ class AgentServer:
         )
 
     async def stop(self) -> None:
-        await self.tls.close()
+        await self.rotation.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

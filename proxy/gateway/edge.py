@@ -27,7 +27,6 @@ control (a slow reader pauses the stream, never buffers it whole).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import logging
@@ -42,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cube._logging import log_line
+from cube._tasks import cancel_and_wait
 from proxy.directory import RESERVED_ALIASES
 from proxy.gateway.agents import Agent, Trust
 from proxy.gateway.errors import GatewayError, error_document
@@ -617,10 +617,7 @@ class EdgeSite(web.TCPSite):
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait(self._sweeper)
         await super().stop()
         # Idle connections close now; one answering closes once its answer is written.
         for conn in list(self.connections):

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from cube._tasks import cancel_and_wait
 from proxy.directory import AuditRecord, Directory
 from proxy.gateway.metrics import GatewayMetrics
 
@@ -282,11 +283,8 @@ class AuditWriter:
     async def close(self, timeout: float = 10.0) -> None:
         with contextlib.suppress(TimeoutError):
             await self.flushed(timeout)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

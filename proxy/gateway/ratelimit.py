@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from cube._tasks import cancel_and_wait
 from proxy.directory import Caller, DomainLimits
 
 __all__ = [
@@ -423,11 +424,8 @@ class ReplicaRateLimiter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="rate-limit-flush")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.flush()
         await self.store.close()
 

@@ -8,7 +8,6 @@ application's ``cleanup_ctx`` (sessions and background tasks start with it and s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from attestation.errors import AttestationError
+from cube._tasks import cancel_and_wait
 from proxy.directory import AuditRecord, Caller, Directory, DomainLimits, TokenSigner
 from proxy.gateway.agents import Agent, AgentFailure, AgentPool
 from proxy.gateway.attest import AttestationGate, LoadedPolicy, load_policy_bytes
@@ -106,11 +106,8 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+        await cancel_and_wait(self._health_task)
+        self._health_task = None
         for agent in self.pool.all():
             if agent.verifying is not None:
                 agent.verifying.cancel()

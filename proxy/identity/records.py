@@ -10,13 +10,13 @@ nothing acknowledged is lost; under load, batches simply grow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
 
 import sqlalchemy as sa
 
+from cube._tasks import cancel_and_wait
 from proxy.db import Database
 from proxy.db.schema import audit, usage
 from proxy.directory import AuditRecord
@@ -119,11 +119,8 @@ class RecordWriter:
         if self._pending:
             batch, self._pending = self._pending, []
             await self._commit(batch)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _audit_row(row: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from attestation.errors import AttestationError
 from attestation.policy import Policy
+from cube._tasks import cancel_and_wait
 from proxy.db import Database, migrate
 from proxy.db.schema import (
     audit,
@@ -208,10 +209,7 @@ class Identity:
                 oidc_due = time.monotonic() + self.oidc.config.jwks_refresh_seconds
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        await cancel_and_wait(self._refresher)
         for task in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task

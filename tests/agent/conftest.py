@@ -163,11 +163,12 @@ class RunningAgent:
 
     @property
     def cert_pem(self) -> bytes:
-        return self.prepared.identity.cert_pem
+        """The certificate new connections get (the current one, after any key rotation)."""
+        return self.server.rotation.current.cert_pem
 
     @property
     def cert_der(self) -> bytes:
-        return self.prepared.identity.cert_der
+        return self.server.rotation.current.cert_der
 
     def ssl_context(self) -> ssl.SSLContext:
         return pinned_context(self.cert_pem)

@@ -84,7 +84,7 @@ def test_digest_is_canonical_and_covers_every_measured_field() -> None:
         "host": "127.0.0.1",
         "port": 9443,
         "tls_names": ("agent.example",),
-        "tls_rotate_seconds": 3600.0,
+        "key_rotate_seconds": 3600.0,
         "backend": "ollama",
         "backend_url": "http://127.0.0.1:11434",
         "model_name": "other",

@@ -365,10 +365,10 @@ def test_an_expired_agent_certificate_is_refused(
 ) -> None:
     """The attested certificate bounds how long its key is relied on: a verification expires
     with it, and a certificate past its end is refused (agents replace theirs in time)."""
-    running = start_plain_agent(model, tmp_path, issuer, fake_openai.url, tls_rotate_seconds=1.0)
+    running = start_plain_agent(model, tmp_path, issuer, fake_openai.url, key_rotate_seconds=1.0)
     relay = RecordingRelay("127.0.0.1", running.port, server_ssl=running.tls_context()).start()
     try:
-        asyncio.run_coroutine_threadsafe(running.server.tls.close(), running.loop).result(30)
+        asyncio.run_coroutine_threadsafe(running.server.rotation.close(), running.loop).result(30)
         identity = running.server.prepared.identity
         attested = verify_endpoint(relay.url, sim_policy())
         assert attested.cert_sha256 == identity.cert_sha256

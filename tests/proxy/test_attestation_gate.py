@@ -359,7 +359,7 @@ def test_without_discovery_an_agent_is_verified_by_its_first_request(
 def test_an_agent_rotating_its_tls_key_keeps_serving(
     directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
 ) -> None:
-    """A rotation (agent.tls) while the proxy holds a pooled connection with the old pin: the
+    """A rotation (agent.rotation) while the proxy holds a pooled connection with the old pin: the
     old connection keeps its certificate; new connections present the new one, which the proxy
     re-verifies once and pins. No request fails, nothing is audited as a failure."""
     dom = one_domain(directory, agents)
@@ -367,7 +367,7 @@ def test_an_agent_rotating_its_tls_key_keeps_serving(
     assert server.chat(dom.alias, dom.member_token).status == 200
     old = the_agent(server).trust
     assert old is not None
-    rotated = dom.agent.call(dom.agent.server.tls.rotate())
+    rotated = dom.agent.call(dom.agent.server.rotation.rotate())
 
     # More requests at once than pooled connections: some need new ones.
     assert asyncio.run(burst(server, dom, 6)) == [200] * 6
@@ -383,9 +383,9 @@ def test_an_expired_agent_certificate_is_refused(
 ) -> None:
     """An agent whose attested certificate expired (here: rotation every second, so valid for
     two, and the rotation stopped) is refused: its key may no longer be relied on."""
-    dom = one_domain(directory, agents, tls_rotate_seconds=1.0)
-    dom.agent.call(dom.agent.server.tls.close())  # no more rotations
-    expires = dom.agent.server.tls.current.not_valid_after
+    dom = one_domain(directory, agents, key_rotate_seconds=1.0)
+    dom.agent.call(dom.agent.server.rotation.close())  # no more rotations
+    expires = dom.agent.server.rotation.current.not_valid_after
     time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
     server = proxy()
     reply = server.chat(dom.alias, dom.member_token)

@@ -1,21 +1,25 @@
-"""The agent's TLS key over time: replaced every ``tls_rotate_seconds``, each certificate valid
-for twice that, so the key a verifier pins is never older than the interval and a leaked key
-stops working once its certificate expires (verifiers refuse an expired attested certificate).
+"""The agent's keys over time: the TLS key and the HPKE key are replaced every
+``key_rotate_seconds``, each certificate valid for twice that. A pinned TLS key is never older
+than the interval and a leaked one stops working when its certificate expires (verifiers refuse
+an expired attested certificate); a leaked HPKE key opens only what was sealed to it while it
+was current or just replaced, not everything since the agent started.
 
-The listening socket keeps one :class:`ssl.SSLContext`; its ``sni_callback`` (which OpenSSL
-calls for every ClientHello, with or without SNI) moves each new connection to the current
-identity's context and tags the connection with that identity. A connection keeps the
+TLS. The listening socket keeps one :class:`ssl.SSLContext`; its ``sni_callback`` (which
+OpenSSL calls for every ClientHello, with or without SNI) moves each new connection to the
+current identity's context and tags the connection with that identity. A connection keeps the
 certificate it was handshaken with, and evidence requested over a connection names *that*
-certificate (:meth:`TlsIdentities.for_connection`): a verifier compares the certificate its
+certificate (:meth:`KeyRotation.for_connection`): a verifier compares the certificate its
 connection presented with the one the claims name, so a rotation between the handshake and the
-claims must not make them differ. The HPKE key does not change (sealed requests in flight, and
-clients that verified it, keep working).
+claims must not make them differ.
+
+HPKE. Evidence always names the current HPKE key. Requests sealed to the key before it still
+open (a client that verified just before a rotation); anything older is refused with 421
+``e2e_wrong_recipient``, and the client verifies again (agent.e2e keeps the two keys).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -25,10 +29,11 @@ from typing import Any
 from aiohttp import web
 
 from agent.identity import AgentIdentity
+from cube._tasks import cancel_and_wait
 
-__all__ = ["TLS_IDENTITIES", "TlsIdentities", "validity_for"]
+__all__ = ["KEY_ROTATION", "KeyRotation", "validity_for"]
 
-log = logging.getLogger("cube.agent.tls")
+log = logging.getLogger("cube.agent.rotation")
 
 _TAG = "cube_identity"  # the attribute naming a connection's identity on its SSLObject
 #: A rotation that failed is tried again after this long (never later than the interval).
@@ -41,8 +46,8 @@ def validity_for(rotate_seconds: float) -> timedelta:
     return timedelta(seconds=2 * rotate_seconds)
 
 
-class TlsIdentities:
-    """The current identity, its server context, and the rotation task."""
+class KeyRotation:
+    """The current identity, the server context, and the rotation task."""
 
     def __init__(
         self,
@@ -82,13 +87,13 @@ class TlsIdentities:
         return identity if isinstance(identity, AgentIdentity) else self.current
 
     def _next(self) -> tuple[AgentIdentity, ssl.SSLContext]:
-        identity = self.current.with_new_tls_key(
+        identity = AgentIdentity.generate(
             self.names, validity=validity_for(self.rotate_seconds), now=self._wall_clock()
         )
         return identity, identity.ssl_context()
 
     async def rotate(self) -> AgentIdentity:
-        """Replace the TLS key and certificate now (key generation off the event loop)."""
+        """Replace both keys now (key generation off the event loop)."""
         identity, context = await asyncio.to_thread(self._next)
         # One step on the loop thread, where handshakes also run: no connection sees one
         # without the other.
@@ -97,25 +102,23 @@ class TlsIdentities:
         if self._on_rotate is not None:
             self._on_rotate(identity)
         log.info(
-            "TLS key rotated",
+            "keys rotated",
             extra={
                 "fields": {
                     "tls_cert_sha256": identity.cert_sha256.hex(),
                     "not_valid_after": identity.not_valid_after.isoformat(),
+                    "hpke_public_key": identity.hpke_public_key.hex(),
                 }
             },
         )
         return identity
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="tls-rotation")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="key-rotation")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         delay = self.rotate_seconds
@@ -126,8 +129,8 @@ class TlsIdentities:
                 delay = self.rotate_seconds
             except Exception:
                 # The current certificate stays valid for another interval: try again soon.
-                log.exception("TLS key rotation failed")
+                log.exception("key rotation failed")
                 delay = min(_RETRY_SECONDS, self.rotate_seconds)
 
 
-TLS_IDENTITIES = web.AppKey("tls_identities", TlsIdentities)
+KEY_ROTATION = web.AppKey("key_rotation", KeyRotation)

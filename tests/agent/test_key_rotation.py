@@ -1,19 +1,22 @@
-"""The agent replaces its TLS key and certificate every ``tls_rotate_seconds`` (agent.tls): new
+"""The agent replaces its TLS and HPKE keys every ``key_rotate_seconds`` (agent.rotation): new
 connections get the new certificate, a connection keeps the one it was handshaken with, and
-evidence names the certificate of the connection that asked for it, even across a rotation.
-The HPKE key stays."""
+evidence names the certificate of the connection that asked for it, even across a rotation,
+and always the current HPKE key. A request sealed to the key before the current one still
+opens; an older one is refused with 421 (the client verifies again)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from datetime import timedelta
 
 import pytest
 
+from agent.rotation import validity_for
 from agent.server import StartupError
-from agent.tls import validity_for
 from attestation.errors import BindingError
+from cube_client import e2e
 from tests.agent.conftest import RecordingBackend, RunningAgent, StartAgent
 from tests.agent.test_server import ALLOW_SIMULATED, AttestingClient
 
@@ -35,16 +38,16 @@ def test_a_rotation_moves_new_connections_to_a_new_certificate(
     start_agent: StartAgent, backend: RecordingBackend
 ) -> None:
     agent = start_agent({"backend_url": backend.url})
-    first = agent.server.tls.current
+    first = agent.server.rotation.current
     before = _connected(agent)
     try:
         assert _peer_sha256(before) == first.cert_sha256
-        rotated = agent.call(agent.server.tls.rotate())
+        rotated = agent.call(agent.server.rotation.rotate())
         assert rotated.cert_sha256 != first.cert_sha256
-        assert rotated.hpke_public_key == first.hpke_public_key
+        assert rotated.hpke_public_key != first.hpke_public_key
         # The certificate is valid for two intervals from now (and backdated a little).
         lifetime = rotated.not_valid_after - rotated.certificate.not_valid_before_utc
-        assert lifetime == validity_for(agent.config.tls_rotate_seconds) + timedelta(minutes=5)
+        assert lifetime == validity_for(agent.config.key_rotate_seconds) + timedelta(minutes=5)
 
         after = _connected(agent)
         try:
@@ -55,9 +58,10 @@ def test_a_rotation_moves_new_connections_to_a_new_certificate(
             after.close()
         # ...and the old one on the connection made before the rotation, which keeps it: a
         # verifier's check (this connection's certificate = the claims') still holds there.
+        # The HPKE key named is the current one on either connection.
         verified = before.attest(ALLOW_SIMULATED)
         assert verified.claims.tls_cert_sha256 == first.cert_sha256
-        assert verified.claims.hpke_public_key == first.hpke_public_key
+        assert verified.claims.hpke_public_key == rotated.hpke_public_key
         status, _ = before.chat(agent.token())
         assert status == 200
     finally:
@@ -72,7 +76,7 @@ def test_evidence_from_a_connection_with_the_other_certificate_does_not_bind(
     agent = start_agent()
     before = _connected(agent)
     try:
-        agent.call(agent.server.tls.rotate())
+        agent.call(agent.server.rotation.rotate())
         with pytest.raises(BindingError):
             before.attest(ALLOW_SIMULATED, source=(agent.host, agent.port))  # a new connection
     finally:
@@ -80,12 +84,12 @@ def test_evidence_from_a_connection_with_the_other_certificate_does_not_bind(
 
 
 def test_the_key_rotates_on_its_interval(start_agent: StartAgent) -> None:
-    agent = start_agent({"tls_rotate_seconds": 1.0})
-    first = agent.server.tls.current.cert_sha256
+    agent = start_agent({"key_rotate_seconds": 1.0})
+    first = agent.server.rotation.current.cert_sha256
     deadline = time.monotonic() + 20
-    while agent.server.tls.rotations < 2 and time.monotonic() < deadline:
+    while agent.server.rotation.rotations < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert agent.server.tls.rotations >= 2
+    assert agent.server.rotation.rotations >= 2
     client = _connected(agent)
     try:
         assert _peer_sha256(client) != first
@@ -93,10 +97,46 @@ def test_the_key_rotates_on_its_interval(start_agent: StartAgent) -> None:
     finally:
         client.close()
     # /ready's trial collections name the current certificate too.
-    assert agent.prepared.evidence.identity is agent.server.tls.current
+    assert agent.prepared.evidence.identity is agent.server.rotation.current
 
 
 @pytest.mark.parametrize("seconds", [0.0, 0.5, 91 * 86400.0])
 def test_the_rotation_interval_is_bounded(start_agent: StartAgent, seconds: float) -> None:
-    with pytest.raises(StartupError, match="tls_rotate_seconds"):
-        start_agent({"tls_rotate_seconds": seconds})
+    with pytest.raises(StartupError, match="key_rotate_seconds"):
+        start_agent({"key_rotate_seconds": seconds})
+
+
+def _sealed_chat(agent: RunningAgent, recipient: bytes) -> tuple[int, str]:
+    """A chat sealed to ``recipient``: the status and, refused, the error code."""
+    body = json.dumps({"model": "cube-tiny", "messages": [{"role": "user", "content": "hi"}]})
+    envelope, meta = e2e.seal_request(
+        body.encode(), recipient, method="POST", path="/v1/chat/completions", model="cube-tiny"
+    )
+    reply = agent.request(
+        "POST",
+        "/v1/chat/completions",
+        body=envelope,
+        headers={"Content-Type": e2e.CONTENT_TYPE, e2e.MODEL_HEADER: "cube-tiny"},
+        token=agent.token(),
+    )
+    if reply.status != 200:
+        return reply.status, json.loads(reply.body)["error"]["code"]
+    plain, _ = e2e.open_whole(meta, reply.body)
+    assert json.loads(plain)["choices"]
+    return reply.status, ""
+
+
+def test_a_request_sealed_to_the_previous_hpke_key_still_opens(
+    start_agent: StartAgent, backend: RecordingBackend
+) -> None:
+    agent = start_agent({"backend_url": backend.url})
+    first = agent.server.rotation.current.hpke_public_key
+    assert _sealed_chat(agent, first) == (200, "")
+    second = agent.call(agent.server.rotation.rotate()).hpke_public_key
+    assert _sealed_chat(agent, first) == (200, "")  # sealed just before the rotation
+    assert _sealed_chat(agent, second) == (200, "")
+    agent.call(agent.server.rotation.rotate())
+    # Two rotations later the first key is gone: nothing sealed to it opens any more.
+    assert _sealed_chat(agent, first) == (421, "e2e_wrong_recipient")
+    assert _sealed_chat(agent, second) == (200, "")
+    assert len(backend.requests) == 4
