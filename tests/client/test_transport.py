@@ -381,3 +381,30 @@ def test_an_expired_agent_certificate_is_refused(
     finally:
         relay.stop()
         running.stop()
+
+
+def test_the_sdk_follows_an_agent_rotating_its_keys(
+    agent: InProcessAgent, issuer: TokenIssuer, fake_openai: FakeOpenAI
+) -> None:
+    """Direct to an agent that rotates its keys (agent.rotation): its kept-alive connection
+    keeps the certificate it was verified with; once the HPKE key it sealed to is dropped (two
+    rotations), the agent answers 421, and the client verifies again and goes on."""
+    client = sdk(agent.url, issuer, sim_policy())
+    assert chat(client) == RESPONSE
+    http = client._client
+    assert isinstance(http, AttestedClient)
+    first = http.attested
+    assert first is not None
+
+    def rotate() -> None:
+        asyncio.run_coroutine_threadsafe(agent.server.rotation.rotate(), agent.loop).result(30)
+
+    rotate()
+    assert chat(client) == RESPONSE  # sealed to the previous key: still opens
+    assert http.attested is first
+    rotate()
+    assert stream(client) == RESPONSE  # 421, verified again, sent again
+    again = http.attested
+    assert again is not None and again is not first
+    assert again.hpke_public_key == agent.server.rotation.current.hpke_public_key
+    assert len(fake_openai.requests_to("/v1/chat/completions")) == 3
