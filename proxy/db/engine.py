@@ -153,6 +153,14 @@ class Database:
         )
         return cls(engine, "postgresql", url)
 
+    def driver_dsn(self) -> str:
+        """The PostgreSQL URL for a connection of asyncpg's own (outside SQLAlchemy's pool:
+        listening for notices, single-statement round trips). It holds the password: never
+        log it."""
+        if self.dialect != "postgresql":
+            raise DatabaseError("a driver connection needs PostgreSQL")
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def describe(self) -> str:
         """The location without its password (for logs)."""
         return redacted_url(self.url)

@@ -126,7 +126,7 @@ class DatabaseBuckets:
     def __init__(self, db: Database, *, pool_size: int = 4) -> None:
         if db.dialect != "postgresql":
             raise ValueError("rate limits kept in the database need PostgreSQL")
-        self._dsn = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = db.driver_dsn()
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()

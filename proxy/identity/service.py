@@ -25,6 +25,7 @@ from attestation.errors import AttestationError
 from attestation.policy import Policy
 from cube._tasks import cancel_and_wait
 from proxy.db import Database, migrate
+from proxy.db.notify import ChangeNotices
 from proxy.db.schema import (
     audit,
     backends,
@@ -157,6 +158,7 @@ class Identity:
         self._last_used: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._notices: ChangeNotices | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -188,6 +190,15 @@ class Identity:
         except Exception as exc:
             raise StartupError(str(exc)) from exc
         await self.bootstrap_admin()
+        if self.db.dialect == "postgresql":
+            # Other replicas may share the database: tell each other about changes.
+            self._notices = ChangeNotices(self.db, on_change=self._cache.clear)
+            try:
+                await self._notices.start()
+            except Exception as exc:
+                raise StartupError(
+                    f"cannot listen for changes made by other replicas: {type(exc).__name__}"
+                ) from None
         if self.oidc is not None:
             try:
                 await self.oidc.start()
@@ -210,6 +221,8 @@ class Identity:
 
     async def close(self) -> None:
         await cancel_and_wait(self._refresher)
+        if self._notices is not None:
+            await self._notices.close()
         for task in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
@@ -220,6 +233,8 @@ class Identity:
 
     def _invalidate(self) -> None:
         self._cache.clear()
+        if self._notices is not None:
+            self._notices.publish()  # the other replicas forget theirs too
 
     def invalidate(self) -> None:
         """Forget cached authentications and domain data (after a change made elsewhere)."""

@@ -1,0 +1,118 @@
+"""Change notices between proxy replicas sharing a PostgreSQL database (``LISTEN``/``NOTIFY``).
+
+Each replica caches authentications and domain data for up to ``--identity-cache-seconds``.
+Within one host the workers already forget their caches together on any change (a shared
+generation file); across hosts, a change — a revoked token, a disabled user, a removed member —
+would otherwise be honoured by the other replicas only once their entries expire. So every
+change made through one replica is announced on :data:`CHANNEL`, and every replica listening
+forgets its cache when another one announces: revocation reaches all replicas in milliseconds.
+
+The notice carries no data, only the announcing process's random id (so a replica skips its
+own). A listener that loses its connection reconnects with backoff and forgets its cache when
+it is back (it may have missed notices); meanwhile the cache's TTL still bounds staleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped]
+
+from cube._tasks import cancel_and_wait
+from proxy.db.engine import Database
+
+__all__ = ["CHANNEL", "ChangeNotices"]
+
+log = logging.getLogger("cube.proxy.notify")
+
+CHANNEL: Final = "cube_identity_changed"
+_RETRY_SECONDS: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ChangeNotices:
+    """Announces this process's changes and calls ``on_change`` for everyone else's."""
+
+    def __init__(self, db: Database, on_change: Callable[[], None]) -> None:
+        if db.dialect != "postgresql":
+            raise ValueError("change notices need PostgreSQL")
+        self._dsn = db.driver_dsn()
+        self._on_change = on_change
+        self.origin = secrets.token_hex(8)
+        self._conn: Any = None  # asyncpg.Connection, while connected
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.received = 0
+
+    async def start(self) -> None:
+        """Connect and listen (raises if the database cannot be reached), then keep the
+        connection in the background."""
+        await self._connect()
+        self._task = asyncio.get_running_loop().create_task(self._keep(), name="change-notices")
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=5)
+        try:
+            await conn.add_listener(CHANNEL, self._received)
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_termination_listener(lambda _conn: self._lost.set())
+        self._conn = conn
+        self._lost.clear()
+
+    def _received(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        del conn, pid, channel
+        if payload != self.origin:
+            self.received += 1
+            self._on_change()
+
+    async def _keep(self) -> None:
+        while True:
+            await self._lost.wait()
+            self._conn = None
+            log.warning("change notices: connection lost; reconnecting")
+            for attempt in range(1_000_000):
+                await asyncio.sleep(_RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)])
+                try:
+                    await self._connect()
+                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                    log.warning("change notices: reconnect failed (%s)", type(exc).__name__)
+                    continue
+                self._on_change()  # notices may have been missed meanwhile
+                log.info("change notices: listening again")
+                break
+
+    def publish(self) -> None:
+        """Announce a change (committed already) to the other replicas, in the background."""
+        task = asyncio.get_running_loop().create_task(self._send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # reconnecting: the others fall back to their cache TTL
+        try:
+            async with self._lock:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.origin, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("change notice not sent (%s)", type(exc).__name__)
+
+    async def flush(self) -> None:
+        """Wait for the notices being sent (tests, shutdown)."""
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.flush()
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()

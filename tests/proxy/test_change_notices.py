@@ -1,0 +1,115 @@
+"""Replicas over one PostgreSQL tell each other about changes (``proxy.db.notify``): a token
+revoked through one replica is refused by the others at once, not when their caches expire.
+Two Identity layers over one real PostgreSQL database, each its own replica, with a cache TTL
+of a minute (without the notices the second would accept the revoked token that long)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from proxy.directory import AuthError
+from proxy.identity import Identity
+from tests.proxy.conftest import PgServer, identity_config, run
+from tests.proxy.processes import ProxyProcess
+from tests.proxy.test_pats import _setup
+from tests.proxy.test_workers import _statuses
+
+pytestmark = pytest.mark.slow
+
+
+async def _refused_within(identity: Identity, secret: str, seconds: float) -> float:
+    """Seconds until ``identity`` refuses ``secret`` (AssertionError after ``seconds``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            await identity.authenticate(secret, domain_alias="acme")
+        except AuthError:
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still accepted after {seconds} s")
+
+
+def test_a_token_revoked_through_one_replica_is_refused_by_the_other(postgres: PgServer) -> None:
+    url = postgres.create_database()
+
+    async def main() -> None:
+        first = await Identity.open(identity_config(url, auth_cache_seconds=60))
+        second = await Identity.open(identity_config(url, auth_cache_seconds=60))
+        try:
+            env = await _setup(first)
+            pat, secret = await first.create_pat(env["member"], "acme", name="ci")
+            # Both replicas authenticate it and keep it in their caches.
+            for identity in (first, second):
+                assert (await identity.authenticate(secret, domain_alias="acme")).token_id
+            await first.revoke_pat(env["member"], pat.id)
+            assert await _refused_within(second, secret, 5.0) < 5.0
+            assert second._notices is not None and second._notices.received >= 1
+            # A replica does not act on its own notices.
+            assert first._notices is not None and first._notices.received == 0
+        finally:
+            await second.close()
+            await first.close()
+
+    run(main())
+
+
+def test_a_listener_that_lost_its_connection_reconnects_and_forgets(postgres: PgServer) -> None:
+    url = postgres.create_database()
+
+    async def main() -> None:
+        first = await Identity.open(identity_config(url, auth_cache_seconds=60))
+        second = await Identity.open(identity_config(url, auth_cache_seconds=60))
+        try:
+            env = await _setup(first)
+            pat, secret = await first.create_pat(env["member"], "acme", name="ci")
+            await second.authenticate(secret, domain_alias="acme")
+            notices = second._notices
+            assert notices is not None and notices._conn is not None
+            # The server ends the listening session (as a restart or a network cut would).
+            await first.db.ping()
+            async with first.db.write() as conn:
+                await conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+                    )
+                )
+            deadline = time.monotonic() + 10
+            while notices._conn is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            # A change made while it is away is not announced to it...
+            await first.revoke_pat(env["member"], pat.id)
+            # ...but it forgets its cache once it is back, so the token is refused.
+            assert await _refused_within(second, secret, 10.0) < 10.0
+        finally:
+            await second.close()
+            await first.close()
+
+    run(main())
+
+
+def test_two_proxy_processes_share_revocations(postgres: PgServer, tmp_path: Path) -> None:
+    url = postgres.create_database()
+    extra = {"identity-cache-seconds": "60"}
+    replicas = [ProxyProcess(url, tmp_path / f"proxy{i}.log", extra=extra) for i in range(2)]
+    with replicas[0], replicas[1]:
+        admin = replicas[0].login()
+        replicas[0].admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
+        pat = replicas[0].admin(
+            "POST", "/admin/tokens", {"domain": "acme", "name": "t"}, token=admin
+        )
+        # Authenticated by both (the domain has no backend: 503), and cached for a minute.
+        for replica in replicas:
+            assert _statuses(replica, "/acme/v1/models", pat["token"], 2) == [503, 503]
+        replicas[0].admin("DELETE", f"/admin/tokens/{pat['id']}", token=admin)
+        deadline = time.monotonic() + 5
+        while _statuses(replicas[1], "/acme/v1/models", pat["token"], 1) != [401]:
+            assert time.monotonic() < deadline, "the other replica still accepts the token"
+            time.sleep(0.05)
+        for replica in replicas:
+            assert replica.stop() == 0
