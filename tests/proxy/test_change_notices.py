@@ -6,14 +6,18 @@ of a minute (without the notices the second would accept the revoked token that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from proxy.directory import AuthError
 from proxy.identity import Identity
+from proxy.identity.models import Pat
 from tests.proxy.conftest import PgServer, identity_config, run
 from tests.proxy.processes import ProxyProcess
 from tests.proxy.test_pats import _setup
@@ -34,26 +38,36 @@ async def _refused_within(identity: Identity, secret: str, seconds: float) -> fl
     raise AssertionError(f"still accepted after {seconds} s")
 
 
+Replicas = tuple[Identity, Identity, dict[str, Any], Pat, str]
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(url: str) -> AsyncIterator[Replicas]:
+    """Two Identity layers over a new database (caches of a minute); a domain and a PAT, made
+    through the first and authenticated (so cached) by both."""
+    first = await Identity.open(identity_config(url, auth_cache_seconds=60))
+    second = await Identity.open(identity_config(url, auth_cache_seconds=60))
+    try:
+        env = await _setup(first)
+        pat, secret = await first.create_pat(env["member"], "acme", name="ci")
+        for identity in (first, second):
+            assert (await identity.authenticate(secret, domain_alias="acme")).token_id
+        yield first, second, env, pat, secret
+    finally:
+        await second.close()
+        await first.close()
+
+
 def test_a_token_revoked_through_one_replica_is_refused_by_the_other(postgres: PgServer) -> None:
     url = postgres.create_database()
 
     async def main() -> None:
-        first = await Identity.open(identity_config(url, auth_cache_seconds=60))
-        second = await Identity.open(identity_config(url, auth_cache_seconds=60))
-        try:
-            env = await _setup(first)
-            pat, secret = await first.create_pat(env["member"], "acme", name="ci")
-            # Both replicas authenticate it and keep it in their caches.
-            for identity in (first, second):
-                assert (await identity.authenticate(secret, domain_alias="acme")).token_id
+        async with two_replicas(url) as (first, second, env, pat, secret):
             await first.revoke_pat(env["member"], pat.id)
             assert await _refused_within(second, secret, 5.0) < 5.0
             assert second._notices is not None and second._notices.received >= 1
             # A replica does not act on its own notices.
             assert first._notices is not None and first._notices.received == 0
-        finally:
-            await second.close()
-            await first.close()
 
     run(main())
 
@@ -62,12 +76,7 @@ def test_a_listener_that_lost_its_connection_reconnects_and_forgets(postgres: Pg
     url = postgres.create_database()
 
     async def main() -> None:
-        first = await Identity.open(identity_config(url, auth_cache_seconds=60))
-        second = await Identity.open(identity_config(url, auth_cache_seconds=60))
-        try:
-            env = await _setup(first)
-            pat, secret = await first.create_pat(env["member"], "acme", name="ci")
-            await second.authenticate(secret, domain_alias="acme")
+        async with two_replicas(url) as (first, second, env, pat, secret):
             notices = second._notices
             assert notices is not None and notices._conn is not None
             # The server ends the listening session (as a restart or a network cut would).
@@ -86,9 +95,6 @@ def test_a_listener_that_lost_its_connection_reconnects_and_forgets(postgres: Pg
             await first.revoke_pat(env["member"], pat.id)
             # ...but it forgets its cache once it is back, so the token is refused.
             assert await _refused_within(second, secret, 10.0) < 10.0
-        finally:
-            await second.close()
-            await first.close()
 
     run(main())
 
