@@ -31,7 +31,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import httpcore2
 import httpx2
@@ -283,6 +283,43 @@ class _Core:
             if k.decode("latin-1").lower() not in ("content-length", "content-encoding")
         ]
 
+    def pin_refused(self, exc: PinMismatch) -> BindingError:
+        """The error once a certificate is still not the attested one after verifying again."""
+        return BindingError(
+            f"{self.endpoint.url} presents a certificate (sha256 "
+            f"{exc.presented_sha256.hex()}) that is not the attested one, even "
+            "after verifying again: refused",
+            check="tls.certificate",
+        )
+
+    def streamed(
+        self,
+        response: httpcore2.Response,
+        meta: e2e.RequestMeta | None,
+        plain: Callable[[Any], Any],
+        decrypted: Callable[[Any, e2e.StreamDecoder], Any],
+    ) -> httpx2.Response | None:
+        """The answer as it streams in: as it is (a plaintext request), or a sealed stream
+        opened event by event; None when the whole body must be read (and opened) first.
+        ``plain`` and ``decrypted`` wrap the connection's byte stream (sync or async)."""
+        if meta is None:
+            return httpx2.Response(
+                response.status,
+                headers=response.headers,
+                stream=plain(response.stream),
+                extensions=response.extensions,
+            )
+        framing = _STREAM_TYPES.get(_media_type(response.headers))
+        if framing is not None and response.status < 300:
+            decoder = e2e.StreamDecoder(meta, "sse" if framing == "sse" else "ndjson")
+            return httpx2.Response(
+                response.status,
+                headers=self.stream_headers(response),
+                stream=decrypted(response.stream, decoder),
+                extensions=response.extensions,
+            )
+        return None
+
 
 # -- synchronous ----------------------------------------------------------------------------------
 
@@ -399,31 +436,13 @@ class AttestedTransport(httpx2.BaseTransport):
                     )
             except PinMismatch as exc:
                 if attempt == 2:
-                    raise BindingError(
-                        f"{core.endpoint.url} presents a certificate (sha256 "
-                        f"{exc.presented_sha256.hex()}) that is not the attested one, even "
-                        "after verifying again: refused",
-                        check="tls.certificate",
-                    ) from None
+                    raise core.pin_refused(exc) from None
                 attested = self.verify(api_key, force=True)
                 continue
-            if meta is None:
-                return httpx2.Response(
-                    response.status,
-                    headers=response.headers,
-                    stream=_PlainStream(response.stream),  # type: ignore[arg-type]
-                    extensions=response.extensions,
-                )
-            media = _media_type(response.headers)
-            framing = _STREAM_TYPES.get(media)
-            if framing is not None and response.status < 300:
-                decoder = e2e.StreamDecoder(meta, "sse" if framing == "sse" else "ndjson")
-                return httpx2.Response(
-                    response.status,
-                    headers=core.stream_headers(response),
-                    stream=_DecryptedStream(response.stream, decoder),  # type: ignore[arg-type]
-                    extensions=response.extensions,
-                )
+            streamed = core.streamed(response, meta, _PlainStream, _DecryptedStream)
+            if streamed is not None:
+                return streamed
+            assert meta is not None
             try:
                 with _mapped_errors():
                     raw = response.read()
@@ -551,31 +570,13 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
                     )
             except PinMismatch as exc:
                 if attempt == 2:
-                    raise BindingError(
-                        f"{core.endpoint.url} presents a certificate (sha256 "
-                        f"{exc.presented_sha256.hex()}) that is not the attested one, even "
-                        "after verifying again: refused",
-                        check="tls.certificate",
-                    ) from None
+                    raise core.pin_refused(exc) from None
                 attested = await self.verify(api_key, force=True)
                 continue
-            if meta is None:
-                return httpx2.Response(
-                    response.status,
-                    headers=response.headers,
-                    stream=_AsyncPlainStream(response.stream),  # type: ignore[arg-type]
-                    extensions=response.extensions,
-                )
-            media = _media_type(response.headers)
-            framing = _STREAM_TYPES.get(media)
-            if framing is not None and response.status < 300:
-                decoder = e2e.StreamDecoder(meta, "sse" if framing == "sse" else "ndjson")
-                return httpx2.Response(
-                    response.status,
-                    headers=core.stream_headers(response),
-                    stream=_AsyncDecryptedStream(response.stream, decoder),  # type: ignore[arg-type]
-                    extensions=response.extensions,
-                )
+            streamed = core.streamed(response, meta, _AsyncPlainStream, _AsyncDecryptedStream)
+            if streamed is not None:
+                return streamed
+            assert meta is not None
             try:
                 with _mapped_errors():
                     raw = await response.aread()
