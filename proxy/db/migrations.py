@@ -45,10 +45,15 @@ def _v2_rate_buckets(conn: sa.Connection) -> None:
         conn.exec_driver_sql(INSTALL)
 
 
+def _v3_login_attempts(conn: sa.Connection) -> None:
+    schema.login_attempts.create(conn, checkfirst=True)
+
+
 #: (version, description, function), in order; versions start at 1 and have no gaps.
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "rate-limit buckets shared by replicas", _v2_rate_buckets),
+    (3, "login attempts shared by workers and replicas", _v3_login_attempts),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -17,6 +17,7 @@ __all__ = [
     "audit",
     "backends",
     "domains",
+    "login_attempts",
     "members",
     "metadata",
     "passwords",
@@ -246,4 +247,16 @@ rate_buckets = sa.Table(
     sa.Column("lim", sa.BigInteger(), nullable=False),
     sa.Column("level", sa.Double(), nullable=False),
     _ts("updated"),
+)
+
+# Login attempts per account, counted before the password is checked, so that every worker and
+# replica together allow ``login_max_failures`` per window (and concurrent guesses cannot all
+# slip past the count). Keyed by the SHA-256 of the normalised email: an address that is not an
+# account is not stored in clear.
+login_attempts = sa.Table(
+    "login_attempts",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    _ts("window_start"),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from proxy.db.schema import (
     audit,
     backends,
     domains,
+    login_attempts,
     members,
     passwords,
     pats,
@@ -154,7 +156,6 @@ class Identity:
             else None
         )
         self._cache = LoadingCache(config.auth_cache_seconds, max_entries=_CACHE_MAX, shared=shared)
-        self._login_failures: dict[str, list[float]] = {}
         self._last_used: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -215,6 +216,10 @@ class Identity:
                 await self.keys.refresh()
             except Exception as exc:
                 log.warning("signing key refresh failed: %s", type(exc).__name__)
+            try:
+                await self.prune_login_attempts()
+            except Exception as exc:
+                log.warning("pruning login attempts failed: %s", type(exc).__name__)
             if self.oidc is not None and time.monotonic() >= oidc_due:
                 await self.oidc.refresh()
                 oidc_due = time.monotonic() + self.oidc.config.jwks_refresh_seconds
@@ -480,27 +485,67 @@ class Identity:
 
     # -- login, refresh, logout ---------------------------------------------------------------
 
-    def _throttle(self, email: str) -> None:
+    async def _count_attempt(self, email: str) -> None:
+        """Count a login attempt for ``email`` before its password is checked, in the database
+        (so every worker and replica share the count, and concurrent guesses cannot all pass
+        one check); refuse once ``login_max_failures`` were made in the current window. A
+        successful login clears the count."""
+        key = hashlib.sha256(email.encode()).hexdigest()
         window = self.config.login_failure_window
-        now = time.monotonic()
-        recent = [t for t in self._login_failures.get(email, []) if now - t < window]
-        self._login_failures[email] = recent
-        if len(recent) >= self.config.login_max_failures:
-            raise TooManyAttempts(
-                "too many failed logins for this account; try again later",
-                retry_after=max(1, int(window - (now - recent[0])) + 1),
-            )
+        for attempt in (1, 2):
+            now = time.time()
+            try:
+                async with self.db.write() as conn:
+                    row = (
+                        await conn.execute(
+                            sa.select(login_attempts.c.attempts, login_attempts.c.window_start)
+                            .where(login_attempts.c.key == key)
+                            .with_for_update()
+                        )
+                    ).first()
+                    if row is None:
+                        await conn.execute(
+                            sa.insert(login_attempts).values(key=key, attempts=1, window_start=now)
+                        )
+                        return
+                    count, started = int(row[0]), float(row[1])
+                    if now - started >= window:
+                        count, started = 0, now
+                    elif count >= self.config.login_max_failures:
+                        raise TooManyAttempts(
+                            "too many failed logins for this account; try again later",
+                            retry_after=max(1, int(window - (now - started)) + 1),
+                        )
+                    await conn.execute(
+                        sa.update(login_attempts)
+                        .where(login_attempts.c.key == key)
+                        .values(attempts=count + 1, window_start=started)
+                    )
+                    return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+                # Another process inserted this account's row first: count on it.
 
-    def _failed(self, email: str) -> None:
-        self._login_failures.setdefault(email, []).append(time.monotonic())
-        if len(self._login_failures) > _CACHE_MAX:
-            self._login_failures.pop(next(iter(self._login_failures)))
+    async def _clear_attempts(self, email: str) -> None:
+        key = hashlib.sha256(email.encode()).hexdigest()
+        async with self.db.write() as conn:
+            await conn.execute(sa.delete(login_attempts).where(login_attempts.c.key == key))
+
+    async def prune_login_attempts(self) -> int:
+        """Forget the counts whose window has passed; how many."""
+        cutoff = time.time() - self.config.login_failure_window
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                sa.delete(login_attempts).where(login_attempts.c.window_start < cutoff)
+            )
+        return int(result.rowcount)
 
     async def login(self, email: object, password: object) -> TokenPair:
         if not isinstance(email, str) or not isinstance(password, str):
             raise Invalid("email and password are required")
         email_ = email.strip().lower()
-        self._throttle(email_)
+        await self._count_attempt(email_)
         async with self.db.read() as conn:
             row = (
                 (
@@ -516,9 +561,8 @@ class Identity:
         encoded = None if row is None else row["hash"]
         ok, rehash = await self.hashing.verify(encoded, password[:4096])
         if not ok or row is None or row["disabled"]:
-            self._failed(email_)
             raise Unauthorized("invalid email or password", code="invalid_credentials")
-        self._login_failures.pop(email_, None)
+        await self._clear_attempts(email_)
         user_id = str(row["id"])
         if rehash:
             hashed = await self.hashing.hash(password)

@@ -29,7 +29,14 @@ from proxy.identity import (
 )
 from proxy.identity.credentials import secret_hash
 from tests.agent.tokens import TokenIssuer
-from tests.proxy.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, dump_database, run, use_identity
+from tests.proxy.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    dump_database,
+    identity_config,
+    run,
+    use_identity,
+)
 
 ISSUER = "https://proxy.cube.test"
 
@@ -105,6 +112,69 @@ def test_repeated_failed_logins_are_throttled(tmp_path: Path) -> None:
             await identity.login("someone@cube.test", "wrong-password-123")
 
     use_identity(str(tmp_path / "p.db"), body, login_max_failures=3)
+
+
+def test_login_attempts_are_counted_once_for_all_workers_and_replicas(database: str) -> None:
+    """Two Identity layers over one database (two workers, or two replicas): together they
+    allow ``login_max_failures`` guesses per account, not that many each."""
+
+    async def main() -> None:
+        first = await Identity.open(identity_config(database, login_max_failures=3))
+        second = await Identity.open(identity_config(database, login_max_failures=3))
+        try:
+            for identity in (first, second, first):
+                with pytest.raises(Unauthorized):
+                    await identity.login(ADMIN_EMAIL, "wrong-password-123")
+            with pytest.raises(TooManyAttempts):
+                await second.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        finally:
+            await second.close()
+            await first.close()
+
+    run(main())
+
+
+def test_concurrent_guesses_cannot_pass_the_count(database: str) -> None:
+    """Attempts are counted before the password is checked: eight guesses at once, with room
+    for three, get three answers and five refusals (counting failures afterwards would let all
+    eight through the check)."""
+
+    async def body(identity: Identity) -> None:
+        async def guess() -> str:
+            try:
+                await identity.login(ADMIN_EMAIL, "wrong-password-123")
+            except Unauthorized:
+                return "unauthorized"
+            except TooManyAttempts:
+                return "throttled"
+            return "accepted"
+
+        results = await asyncio.gather(*(guess() for _ in range(8)))
+        assert sorted(results) == ["throttled"] * 5 + ["unauthorized"] * 3
+
+    use_identity(database, body, login_max_failures=3)
+
+
+def test_a_successful_login_clears_the_count_and_old_counts_are_pruned(database: str) -> None:
+    async def body(identity: Identity) -> None:
+        for _ in range(2):
+            with pytest.raises(Unauthorized):
+                await identity.login(ADMIN_EMAIL, "wrong-password-123")
+        await identity.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        for _ in range(3):  # the whole allowance again
+            with pytest.raises(Unauthorized):
+                await identity.login(ADMIN_EMAIL, "wrong-password-123")
+        with pytest.raises(TooManyAttempts):
+            await identity.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        # An address that is no account is counted too, but not stored in clear.
+        with pytest.raises(Unauthorized):
+            await identity.login("nobody@cube.test", "wrong-password-123")
+        assert "nobody@cube.test" not in await dump_database(identity.db)
+        await asyncio.sleep(0.6)  # both windows pass
+        assert await identity.prune_login_attempts() == 2
+        await identity.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+
+    use_identity(database, body, login_max_failures=3, login_failure_window=0.5)
 
 
 # -- refresh tokens ------------------------------------------------------------------------------
