@@ -137,9 +137,14 @@ class AgentIdentity:
     def ssl_context(self) -> ssl.SSLContext:
         """A server context holding this identity, loaded without the key touching disk."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-        ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2: forward secrecy, AEAD only
+        # TLS 1.3 only (forward secrecy and AEAD by construction), and no session resumption:
+        # a resumed session shows the client the certificate of its first handshake, which
+        # after a key rotation (agent.rotation) is no longer the one this connection's evidence
+        # would name. TLS 1.2 would resume through the server's session-ID cache, which
+        # Python's ssl cannot turn off.
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
         key_pem = self._tls_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

@@ -143,24 +143,28 @@ def test_ssl_context_serves_the_certificate(identity: AgentIdentity) -> None:
     thread.join(10)
 
 
-def test_ssl_context_allows_only_tls12_with_forward_secret_aead_and_tls13(
-    identity: AgentIdentity,
-) -> None:
+def test_ssl_context_allows_only_tls13_without_resumption(identity: AgentIdentity) -> None:
     ctx = identity.ssl_context()
-    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
-    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
-    assert tls12 and all(c["kea"] == "kx-ecdhe" and c["aead"] for c in tls12)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     port, thread = _serve_once(ctx)
     client = ssl.create_default_context(cadata=identity.cert_pem.decode())
     client.maximum_version = ssl.TLSVersion.TLSv1_2
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
+        client.wrap_socket(raw, server_hostname="127.0.0.1")
+    thread.join(10)
+    # TLS 1.3, and no session ticket that could resume a session (see agent.rotation).
+    port, thread = _serve_once(ctx)
+    client = ssl.create_default_context(cadata=identity.cert_pem.decode())
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
-        assert tls.version() == "TLSv1.2"
-        cipher = tls.cipher()
-        assert cipher is not None and cipher[0].startswith("ECDHE-ECDSA-")
+        assert tls.version() == "TLSv1.3"
         assert tls.recv(5) == b"hello"
+        assert tls.session is None or not tls.session.has_ticket
     thread.join(10)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import ssl
 import time
 from datetime import timedelta
 
@@ -140,3 +142,30 @@ def test_a_request_sealed_to_the_previous_hpke_key_still_opens(
     assert _sealed_chat(agent, first) == (421, "e2e_wrong_recipient")
     assert _sealed_chat(agent, second) == (200, "")
     assert len(backend.requests) == 4
+
+
+def test_no_session_resumes_across_a_rotation(start_agent: StartAgent) -> None:
+    """A resumed session would show the client its first handshake's certificate while this
+    connection's evidence names the current one; the agent offers no resumption at all."""
+    agent = start_agent()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    def connect(session: ssl.SSLSession | None = None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+        with (
+            socket.create_connection((agent.host, agent.port), timeout=10) as raw,
+            context.wrap_socket(raw, session=session) as tls,
+        ):
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            while tls.recv(4096):
+                pass
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return hashlib.sha256(der).digest(), tls.session, tls.session_reused
+
+    first, session, _ = connect()
+    assert first == agent.server.rotation.current.cert_sha256
+    rotated = agent.call(agent.server.rotation.rotate())
+    presented, _, reused = connect(session)
+    assert not reused and presented == rotated.cert_sha256
