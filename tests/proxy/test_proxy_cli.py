@@ -66,6 +66,8 @@ def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
         ({"access_log": "maybe"}, {}, "not a valid bool"),
         ({"oidc_issuer": "https://idp"}, {}, "oidc_audience"),
         ({"event_loop": "trio"}, {}, "event_loop"),
+        ({"rate_limits": "redis"}, {}, "rate_limits must be auto, database or local"),
+        ({}, {"CUBE_PROXY_RATE_LIMITS": "database"}, "needs a PostgreSQL database"),
     ],
 )
 def test_invalid_configurations_are_refused(
