@@ -174,16 +174,22 @@ def build_app(
     hashing: PasswordHashing | None = None,
     shared_cache_file: str | None = None,
     shared_limits_file: str | None = None,
+    shared_trust_dir: str | None = None,
 ) -> web.Application:
     """The production application: the identity layer over ``config.database`` (opened and
-    migrated at start-up), its admin API, and the gateway. ``shared_cache_file`` and
-    ``shared_limits_file`` are set for a worker of ``cube-proxy --workers N``."""
+    migrated at start-up), its admin API, and the gateway. ``shared_cache_file``,
+    ``shared_limits_file`` and ``shared_trust_dir`` are set for a worker of
+    ``cube-proxy --workers N``."""
     from dataclasses import replace
 
     from proxy import admin_api
     from proxy.identity import identity_ctx
 
-    settings = replace(config.gateway_settings(), shared_limits_file=shared_limits_file).validate()
+    settings = replace(
+        config.gateway_settings(),
+        shared_limits_file=shared_limits_file,
+        shared_trust_dir=shared_trust_dir,
+    ).validate()
     app = web.Application(client_max_size=settings.max_body_bytes)
     gateway.setup_ops(app, access_log=settings.access_log)
     # The identity layer's cleanup_ctx runs before the gateway's (which uses it) and closes

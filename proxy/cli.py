@@ -98,6 +98,10 @@ class Worker:
     def shared_limits_file(self) -> str:
         return os.path.join(self.shared_dir, "limits")
 
+    @property
+    def shared_trust_dir(self) -> str:
+        return os.path.join(self.shared_dir, "trust")
+
 
 class StartError(Exception):
     """The proxy cannot start (message safe to print)."""
@@ -132,6 +136,7 @@ async def serve(
         environ=environ,
         shared_cache_file=worker.shared_cache_file if worker else None,
         shared_limits_file=worker.shared_limits_file if worker else None,
+        shared_trust_dir=worker.shared_trust_dir if worker else None,
     )
     runner = web.AppRunner(
         app,
@@ -249,11 +254,13 @@ def _supervise(
     with tempfile.TemporaryDirectory(prefix="cube-proxy-") as tmp:
         from proxy.gateway.metrics import MULTIPROCESS_ENV
         from proxy.gateway.ratelimit import SharedBuckets
+        from proxy.gateway.sharedtrust import SharedTrust
         from proxy.identity._cache import SharedGeneration
 
         shared = Path(tmp)
         SharedGeneration.create(shared / "generation").close()
         SharedBuckets.create(shared / "limits")
+        SharedTrust.create(shared / "trust")
         (shared / "metrics").mkdir(mode=0o700)
         # Each worker writes its metrics there; /metrics reports them all (gateway.metrics).
         worker_env = {**environ, MULTIPROCESS_ENV: str(shared / "metrics")}

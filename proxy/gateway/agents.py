@@ -76,6 +76,9 @@ class Agent:
         self.in_flight = 0
         self.verifications = 0
         self.verifying: asyncio.Task[Trust] | None = None
+        #: The last pin a connection refused (the certificate changed): never trusted again
+        #: from another worker's record (see :mod:`proxy.gateway.sharedtrust`).
+        self.refused_pin: bytes | None = None
         self.last_used = 0.0
 
     @property
@@ -149,10 +152,11 @@ class AgentPool:
                     self.invalid[(domain_id, spec.id)] = str(exc)
                     continue
                 if agent is not None:  # same URL, new attributes: keep what was verified
-                    fresh.trust, fresh.failure, fresh.retry_at = (
+                    fresh.trust, fresh.failure, fresh.retry_at, fresh.refused_pin = (
                         agent.trust,
                         agent.failure,
                         agent.retry_at,
+                        agent.refused_pin,
                     )
                 agent = fresh
                 self._agents[agent_key] = agent

@@ -18,6 +18,9 @@ the claims' ``tls_cert_sha256`` to be exactly that certificate's SHA-256. All re
 agent wait on one verification in flight (a shared task; a waiter that is cancelled does not
 cancel it). A refusal takes the agent out of rotation for ``failure_retry_seconds``, is logged
 and audited, and answers every waiting request with the reason.
+
+With ``cube-proxy --workers N`` the workers take turns per agent and adopt each other's
+outcomes (:mod:`proxy.gateway.sharedtrust`): one evidence request per agent, not one per worker.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import aiohttp
@@ -40,6 +43,7 @@ from attestation.policy import Policy
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.metrics import GatewayMetrics
 from proxy.gateway.settings import GatewaySettings
+from proxy.gateway.sharedtrust import SharedTrust
 from proxy.gateway.tls import CertificateCapture, sha256
 
 __all__ = ["AttestationGate", "LoadedPolicy", "load_policy_bytes"]
@@ -83,6 +87,18 @@ class AttestationGate:
         self._clock = clock
         self._wall_clock = wall_clock
         self._session: aiohttp.ClientSession | None = None
+        #: The outcomes this worker shares with the other workers (``--workers N``), if any.
+        self.shared: SharedTrust | None = (
+            SharedTrust(
+                settings.shared_trust_dir,
+                # Longer than a verification may take: a worker that held the lock longer
+                # is stuck, and the others go on without it.
+                lock_timeout=settings.attestation_timeout + 5.0,
+                clock=clock,
+            )
+            if settings.shared_trust_dir is not None
+            else None
+        )
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -132,6 +148,7 @@ class AttestationGate:
     def certificate_changed(self, agent: Agent, trust: Trust) -> None:
         """A pinned connection was refused: forget that pin (the next use re-verifies)."""
         self.metrics.certificate_changes.inc()
+        agent.refused_pin = trust.cert_sha256
         if agent.trust is trust:
             agent.trust = None
             log.warning(
@@ -152,6 +169,59 @@ class AttestationGate:
 
     async def _run(self, agent: Agent, policy: LoadedPolicy) -> Trust:
         try:
+            if self.shared is None:
+                return await self._verify_and_record(agent, policy)
+            async with self.shared.turn(agent):
+                return await self._run_shared(agent, policy, self.shared)
+        finally:
+            if agent.verifying is asyncio.current_task():
+                agent.verifying = None
+
+    async def _run_shared(self, agent: Agent, policy: LoadedPolicy, shared: SharedTrust) -> Trust:
+        """Adopt what another worker found, or verify and tell the others (the caller holds
+        the agent's turn when it could get it)."""
+        refused_pin = agent.refused_pin
+        if refused_pin is not None:
+            await asyncio.to_thread(shared.discard, agent, refused_pin)
+        outcome = await asyncio.to_thread(
+            shared.read, agent, policy.sha256, refused_pin=refused_pin
+        )
+        if outcome is not None and outcome.trust is not None:
+            return self._adopted(agent, outcome.trust)
+        if outcome is not None and outcome.failure is not None:
+            self._adopt_failure(agent, outcome.failure, outcome.until)
+            raise outcome.failure
+        try:
+            trust = await self._verify_and_record(agent, policy)
+        except AgentFailure as failure:
+            until = agent.retry_at if failure.attestation else agent.down_until
+            await asyncio.to_thread(shared.record_failure, agent, failure, policy.sha256, until)
+            raise
+        await asyncio.to_thread(shared.record_trust, agent, trust)
+        return trust
+
+    def _adopted(self, agent: Agent, trust: Trust) -> Trust:
+        previous = agent.trust
+        if previous is not None and previous.cert_sha256 == trust.cert_sha256:
+            trust = replace(trust, fingerprint=previous.fingerprint)  # keep pooled connections
+        agent.trust = trust
+        agent.failure = None
+        agent.mark_up()
+        self.metrics.verifications.labels(outcome="shared").inc()
+        return trust
+
+    def _adopt_failure(self, agent: Agent, failure: AgentFailure, until: float) -> None:
+        # Logged, counted and audited once, by the worker that saw it.
+        if failure.attestation:
+            agent.trust = None
+            agent.failure = failure
+            agent.retry_at = until
+        else:
+            agent.mark_down(failure.message, max(0.0, until - self._clock()))
+
+    async def _verify_and_record(self, agent: Agent, policy: LoadedPolicy) -> Trust:
+        """Verify the agent and record the outcome on it (raises the failure)."""
+        try:
             trust = await self._verify(agent, policy)
         except AgentFailure as failure:
             if failure.attestation:
@@ -169,9 +239,6 @@ class AttestationGate:
                 self.metrics.verifications.labels(outcome="unavailable").inc()
                 agent.mark_down(failure.message, self.settings.down_seconds)
             raise
-        finally:
-            if agent.verifying is asyncio.current_task():
-                agent.verifying = None
         agent.trust = trust
         agent.failure = None
         agent.mark_up()

@@ -8,7 +8,7 @@ the supervisor creates (``PROMETHEUS_MULTIPROC_DIR``, prometheus_client's multip
 chosen when the library is imported), and ``/metrics``, whichever worker answers, reports every
 worker together (:func:`exposition`): counters and histograms summed, ``cube_proxy_in_flight``
 summed over live workers, ``cube_proxy_agents`` the largest count any worker sees (each worker
-verifies agents itself).
+tracks the agents it has used or discovered).
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ class GatewaySettings:
     #: The rate-limit file the workers of ``cube-proxy --workers N`` share (set by the
     #: supervisor, not an option of its own): None keeps the buckets in this process.
     shared_limits_file: str | None = None
+    #: The directory in which the workers of ``cube-proxy --workers N`` share the gate's
+    #: outcomes (set by the supervisor; see :mod:`proxy.gateway.sharedtrust`): None keeps
+    #: them in this process.
+    shared_trust_dir: str | None = None
 
     def validate(self) -> GatewaySettings:
         if self.max_body_bytes < 1024:

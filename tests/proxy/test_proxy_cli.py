@@ -24,8 +24,9 @@ def test_every_option_has_a_flag_and_an_environment_variable() -> None:
     # Every gateway setting is reachable from the command line.
     from dataclasses import fields
 
-    # (shared_limits_file is set by --workers for each worker, not an option of its own.)
-    assert {f.name for f in fields(GatewaySettings)} - {"shared_limits_file"} <= names
+    # (The shared files are set by --workers for each worker, not options of their own.)
+    internal = {"shared_limits_file", "shared_trust_dir"}
+    assert {f.name for f in fields(GatewaySettings)} - internal <= names
     assert "workers" in names and "durable_audit" in names
     # Secrets are not options (a flag shows in ps; a file is copied around).
     assert not {"admin_password", "key_secret"} & names

@@ -1,5 +1,6 @@
 """``cube-proxy --workers N``: N processes on one port (SO_REUSEPORT), a change made through one
-worker seen at once by the others, and the parent supervising its workers."""
+worker seen at once by the others, one verification of an agent serving them all, and the
+parent supervising its workers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.agent.backends import FakeOpenAI, serving
+from tests.agent.conftest import write_model
+from tests.e2e.servers import AgentProcess, TinyModel
 from tests.proxy.processes import ProxyProcess
 
 pytestmark = pytest.mark.slow
@@ -198,3 +202,57 @@ def test_metrics_report_every_worker_together(tmp_path: Path) -> None:
             assert total == 30, text
             assert _metric(text, "cube_proxy_in_flight") == 0
         assert proxy.stop() == 0
+
+
+def _scrape(proxy: ProxyProcess) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def test_workers_verify_an_agent_once_together(tmp_path: Path) -> None:
+    """The first worker to need an agent verifies it; the other adopts that verification
+    instead of asking the agent for evidence again (proxy.gateway.sharedtrust)."""
+    fake = FakeOpenAI()
+    proxy = ProxyProcess(
+        f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
+    )
+    with serving(fake), proxy:
+        admin = proxy.login()
+        jwks = tmp_path / "jwks.json"
+        jwks.write_bytes(proxy.request("GET", "/.well-known/jwks.json").body)
+        model = write_model(tmp_path / "model")
+        agent = AgentProcess(
+            backend_url=fake.url,
+            model=TinyModel(model.path, model.digest),
+            jwks_file=jwks,
+            issuer=proxy.url,
+            audience="acme",
+            log=tmp_path / "agent.log",
+        ).start()
+        try:
+            proxy.admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
+            policy = {"format": "cube-policy/1", "allow_simulated": True}
+            proxy.admin("PUT", "/admin/domains/acme/policy", policy, token=admin)
+            proxy.admin(
+                "POST",
+                "/admin/domains/acme/backends",
+                {"url": agent.url, "kind": "vllm", "models": ["cube-tiny"]},
+                token=admin,
+            )
+            pat = proxy.admin("POST", "/admin/tokens", {"domain": "acme", "name": "t"}, token=admin)
+            # 24 connections: the kernel gives each worker some of them.
+            assert _statuses(proxy, "/acme/v1/models", pat["token"], 24) == [200] * 24
+            text = _scrape(proxy)
+            served = _metric(text, "cube_proxy_requests_total", route="/v1/models", status="200")
+            assert served == 24
+            # One evidence fetch and verification in all; the other worker adopted it (each
+            # worker verifying on its own would show verified 2, shared 0).
+            assert _metric(text, "cube_proxy_attestations_total", outcome="verified") == 1, text
+            assert _metric(text, "cube_proxy_attestations_total", outcome="shared") == 1, text
+            assert proxy.stop() == 0
+        finally:
+            agent.stop()
