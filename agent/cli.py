@@ -55,6 +55,7 @@ _HELP = {
     "evidence_burst": "evidence requests allowed in a burst",
     "backend_connect_timeout": "seconds to connect to the backend",
     "log_level": "debug, info, warning or error",
+    "event_loop": "asyncio (default), uvloop, or auto (uvloop when installed)",
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from attestation._json import ObjectReader, loads_object
 from attestation.errors import MalformedError
+from cube._loop import EVENT_LOOPS
 
 __all__ = [
     "CONFIG_FORMAT",
@@ -76,6 +77,9 @@ class AgentConfig:
     evidence_burst: int = 20
     backend_connect_timeout: float = 5.0
     log_level: str = "info"
+    #: "asyncio" (the default: the image ships no uvloop, to keep the code that handles the
+    #: network inside the TEE to the standard library's), "uvloop" or "auto" (cube._loop).
+    event_loop: str = "asyncio"
     # Not part of the measured configuration: where the file came from.
     source: str = field(default="", compare=False)
 
@@ -118,6 +122,8 @@ class AgentConfig:
             raise ConfigError("key_rotate_seconds must be between 1 and 7776000 (90 days)")
         if self.backend_connect_timeout <= 0:
             raise ConfigError("backend_connect_timeout must be > 0")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if not 0 <= self.runtime_pcr < 24 or not all(0 <= p < 24 for p in self.tpm_pcrs):

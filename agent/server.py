@@ -405,8 +405,13 @@ async def serve(config: AgentConfig, *, stop: asyncio.Event | None = None) -> No
 
 def run(config: AgentConfig) -> int:
     """Run the agent; returns the process exit code. Refusals print one line to stderr."""
+    from cube._loop import LoopUnavailable, run_on
+
     try:
-        asyncio.run(serve(config))
+        run_on(serve(config), config.event_loop)
+    except LoopUnavailable as exc:
+        print(f"cube-agent: {exc}", file=sys.stderr)
+        return 1
     except StartupError as exc:
         print(f"cube-agent: {exc}", file=sys.stderr)
         return exc.exit_code

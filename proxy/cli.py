@@ -200,19 +200,12 @@ def _tune_gc() -> None:
 
 
 def _run(coro: Coroutine[Any, Any, None], choice: str) -> None:
-    """Run ``coro`` on uvloop (a C event loop: a large share of the proxy's per-request cost
-    is the loop's) when asked or, for "auto", when it is installed; else on asyncio's."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                coro.close()
-                raise StartError("event_loop uvloop was asked for but is not installed") from None
-        else:
-            uvloop.run(coro)
-            return
-    asyncio.run(coro)
+    from cube._loop import LoopUnavailable, run_on
+
+    try:
+        run_on(coro, choice)
+    except LoopUnavailable as exc:
+        raise StartError(str(exc)) from None
 
 
 async def _prepare(config: ProxyConfig, environ: Mapping[str, str]) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cube._loop import EVENT_LOOPS
 from proxy.gateway.settings import GatewaySettings
 
 __all__ = [
@@ -129,8 +130,8 @@ class ProxyConfig:
             raise ConfigError("give both tls_cert and tls_key, or neither")
         if not 0 <= self.workers <= 256:
             raise ConfigError("workers must be between 0 (one per CPU) and 256")
-        if self.event_loop not in ("auto", "uvloop", "asyncio"):
-            raise ConfigError("event_loop must be auto, uvloop or asyncio")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.rate_limits not in ("auto", "database", "local"):
             raise ConfigError("rate_limits must be auto, database or local")
         if self.rate_limits == "database" and not self.database.startswith("postgres"):

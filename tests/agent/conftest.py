@@ -30,6 +30,7 @@ from agent.auth import KeySet
 from agent.config import AgentConfig
 from agent.server import AgentServer, PreparedAgent, free_port, prepare
 from attestation.evidence import EvidenceCollector
+from cube._loop import new_event_loop
 from tests.agent.tokens import AUDIENCE, ISSUER, TokenIssuer
 from tests.tpm.test_device import swtpm  # noqa: F401 - the real swtpm fixture, reused
 
@@ -235,8 +236,9 @@ def launch(
     collector: EvidenceCollector | None = None,
     keys: KeySet | None = None,
 ) -> RunningAgent:
-    """Run the production start-up sequence and serve, in a background thread."""
-    loop = asyncio.new_event_loop()
+    """Run the production start-up sequence and serve, in a background thread, on the event
+    loop the configuration names (as ``cube-agent`` does)."""
+    loop = new_event_loop(config.event_loop)
     thread = threading.Thread(target=loop.run_forever, name="cube-agent", daemon=True)
     thread.start()
 

@@ -61,6 +61,7 @@ def test_valid_configuration_validates() -> None:
         ({"evidence_burst": 0}, "evidence_rate"),
         ({"backend_connect_timeout": 0.0}, "backend_connect_timeout"),
         ({"log_level": "loud"}, "log_level"),
+        ({"event_loop": "trio"}, "event_loop"),
         ({"tee": "sgx"}, "tee"),
         ({"backend": "tgi"}, "backend"),
     ],
@@ -104,6 +105,7 @@ def test_digest_is_canonical_and_covers_every_measured_field() -> None:
         "evidence_burst": 3,
         "backend_connect_timeout": 1.0,
         "log_level": "debug",
+        "event_loop": "uvloop",
     }
     names = {f.name for f in dataclasses.fields(AgentConfig)} - {"source"}
     assert set(changes) == names, "a new field needs a digest test"

@@ -2,7 +2,8 @@
 connections get the new certificate, a connection keeps the one it was handshaken with, and
 evidence names the certificate of the connection that asked for it, even across a rotation,
 and always the current HPKE key. A request sealed to the key before the current one still
-opens; an older one is refused with 421 (the client verifies again)."""
+opens; an older one is refused with 421 (the client verifies again). Every test runs on asyncio's
+loop (``cube-agent``'s default) and on uvloop (``--event-loop uvloop``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 import socket
 import ssl
 import time
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,18 @@ from attestation.errors import BindingError
 from cube_client import e2e
 from tests.agent.conftest import RecordingBackend, RunningAgent, StartAgent
 from tests.agent.test_server import ALLOW_SIMULATED, AttestingClient
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def start_agent(request: pytest.FixtureRequest, start_agent: StartAgent) -> StartAgent:
+    """Each test on both event loops: the per-connection identity relies on the loop's TLS
+    calling the context's ``sni_callback`` (uvloop's own TLS code, and asyncio's)."""
+
+    def start(config_overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> RunningAgent:
+        overrides = {"event_loop": request.param, **dict(config_overrides or {})}
+        return start_agent(overrides, **kwargs)
+
+    return start
 
 
 def _peer_sha256(client: AttestingClient) -> bytes:
