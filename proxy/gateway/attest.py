@@ -241,6 +241,8 @@ class AttestationGate:
             raise
         agent.trust = trust
         agent.failure = None
+        if agent.refused_pin == trust.cert_sha256:
+            agent.refused_pin = None  # presented again, with evidence naming it: trusted again
         agent.mark_up()
         self.metrics.verifications.labels(outcome="verified").inc()
         log.info(

@@ -251,3 +251,27 @@ def test_a_worker_stuck_in_its_turn_does_not_stop_the_others(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the turn ended
     finally:
         os.close(fd)
+
+
+def test_a_refused_pin_is_trusted_again_once_verified_again(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A certificate refused once (say, an interceptor was in the path for a while) is adopted
+    from other workers again after this worker itself verified it anew."""
+    dom = one_domain(directory, agents)
+    first, second = two_workers(proxy, tmp_path / "trust")
+    assert first.chat(dom.alias, dom.member_token).status == 200
+    agent = the_agent(first)
+    assert agent.trust is not None
+    pin = agent.trust.cert_sha256
+    first.call(_refuse(first, agent))  # as a refused connection does
+    assert agent.refused_pin == pin and agent.trust is None
+    assert first.chat(dom.alias, dom.member_token).status == 200  # verified again itself
+    assert agent.verifications == 2 and agent.refused_pin is None
+    assert second.chat(dom.alias, dom.member_token).status == 200
+    assert the_agent(second).verifications == 0  # adopted the new record
+
+
+async def _refuse(server: ProxyServer, agent: Agent) -> None:
+    assert agent.trust is not None
+    server.gateway.gate.certificate_changed(agent, agent.trust)
