@@ -60,7 +60,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.directory import AuditRecord
+from proxy.directory import AuditRecord, BackendSpec
+from proxy.gateway.service import GATEWAY
 from proxy.identity import IDENTITY, Identity, IdentityConfig, StartupError
 from proxy.identity.errors import (
     Forbidden,
@@ -523,7 +524,7 @@ async def list_backends(request: web.Request) -> web.Response:
     access = await _access(request, await _principal(request))
     access.require("manage_backends")
     found = await _identity(request).list_backends(access.domain.id)
-    return web.json_response({"backends": [backend_json(b) for b in found]})
+    return web.json_response({"backends": [_backend_with_status(request, b) for b in found]})
 
 
 @_json_errors
@@ -549,7 +550,17 @@ async def get_backend(request: web.Request) -> web.Response:
     access = await _access(request, await _principal(request))
     access.require("manage_backends")
     spec = await _identity(request).get_backend(access.domain.id, request.match_info["backend_id"])
-    return web.json_response(backend_json(spec))
+    return web.json_response(_backend_with_status(request, spec))
+
+
+def _backend_with_status(request: web.Request, spec: BackendSpec) -> dict[str, Any]:
+    """The backend and, where this application forwards too, what its attestation gate knows
+    of it now (``status``: null until the gate has met it)."""
+    out = backend_json(spec)
+    gateway = request.app.get(GATEWAY)
+    if gateway is not None:
+        out["status"] = gateway.backend_status(spec.domain_id, spec.id)
+    return out
 
 
 @_json_errors

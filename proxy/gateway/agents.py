@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import aiohttp
 from yarl import URL
@@ -102,6 +103,34 @@ class Agent:
         if self.trust is not None and now < self.trust.expires_at:
             return "verified"
         return "unverified"
+
+    def status(self, now: float, wall: datetime) -> dict[str, object]:
+        """What the gate knows of this agent, for its domain's administrators: the state, the
+        evidence it relies on while verified, the reason while refused or down. ``now`` is
+        this agent's clock, ``wall`` the same instant in UTC (times are reported in UTC)."""
+
+        def utc(moment: float) -> str:
+            return (wall + timedelta(seconds=moment - now)).isoformat(timespec="seconds")
+
+        state = self.state(now)
+        out: dict[str, object] = {"state": state}
+        trust = self.trust
+        if trust is not None and now < trust.expires_at:
+            out["evidence"] = {
+                "platform": trust.platform,
+                "model": trust.model,
+                "digest": trust.evidence_digest,
+                "tls_cert_sha256": trust.cert_sha256.hex(),
+                "verified_at": utc(trust.verified_at),
+                "expires_at": utc(trust.expires_at),
+            }
+        if state == "refused" and self.failure is not None:
+            out["reason"] = {"code": self.failure.code, "message": self.failure.message}
+            out["retry_at"] = utc(self.retry_at)
+        elif state == "down":
+            out["reason"] = {"code": "agent_down", "message": self.down_reason or ""}
+            out["retry_at"] = utc(self.down_until)
+        return out
 
     def mark_down(self, reason: str, seconds: float) -> None:
         self.down_until = self._clock() + seconds

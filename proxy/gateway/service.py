@@ -177,6 +177,14 @@ class Gateway:
     async def agents(self, domain_id: str) -> list[Agent]:
         return self.pool.agents(domain_id, await self.cache.backends(domain_id))
 
+    def backend_status(self, domain_id: str, backend_id: str) -> dict[str, object] | None:
+        """This process's view of one backend (see :meth:`Agent.status`); None when it has
+        not met it yet (no request, no discovery)."""
+        for agent in self.pool.all():
+            if agent.domain_id == domain_id and agent.id == backend_id:
+                return agent.status(self._clock(), datetime.now(UTC))
+        return None
+
     def signer(self) -> TokenSigner:
         return self.directory.issuer()
 

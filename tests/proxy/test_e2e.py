@@ -273,6 +273,12 @@ def test_a_policy_set_through_the_admin_api_refuses_a_drifted_agent(
         "POST", "/acme/v1/chat/completions", {"model": "cube-tiny", "messages": []}, token=alice
     )
     assert ok.status == 200, ok.body
+    # The domain's administrators see what the gate relies on (a worker's own view).
+    (backend,) = proxy.admin("GET", "/admin/domains/acme/backends", token=alice)["backends"]
+    status = backend["status"]
+    assert status["state"] == "verified", status
+    assert status["evidence"]["digest"] == ok.headers["X-Cube-Evidence"]
+    assert status["evidence"]["platform"] == "sim-sev-snp" and "reason" not in status
     # The agent restarts with another configuration (another digest in its evidence).
     agent.stop()
     drifted = deployment.start_agent(
@@ -286,6 +292,12 @@ def test_a_policy_set_through_the_admin_api_refuses_a_drifted_agent(
     assert refused.json()["error"]["code"] == "attestation_failed"
     assert "config_digest" in refused.json()["error"]["message"]
     assert len(fake_openai.requests_to("/v1/chat/completions")) == 1
+    status = proxy.admin("GET", f"/admin/domains/acme/backends/{backend['id']}", token=alice)[
+        "status"
+    ]
+    assert status["state"] == "refused" and "evidence" not in status, status
+    assert status["reason"]["code"] == "attestation_failed"
+    assert status["reason"]["message"] == refused.json()["error"]["message"]
     events = eventually(
         lambda: proxy.admin(
             "GET", "/admin/domains/acme/audit?event=attestation_failed", token=deployment.admin
