@@ -85,7 +85,12 @@ class SharedTrust:
         """Hold the agent's lock for the body; yields False (and no lock) when another worker
         kept it longer than ``lock_timeout`` (the caller then verifies on its own: a hung
         worker must not stop the others)."""
-        fd = os.open(self._stem(agent).with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self._stem(agent).with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            # The directory is gone or unwritable: verify on our own, as without sharing.
+            yield False
+            return
         try:
             deadline = self._clock() + self.lock_timeout
             held = False

@@ -275,3 +275,13 @@ def test_a_refused_pin_is_trusted_again_once_verified_again(
 async def _refuse(server: ProxyServer, agent: Agent) -> None:
     assert agent.trust is not None
     server.gateway.gate.certificate_changed(agent, agent.trust)
+
+
+def test_without_the_shared_directory_a_worker_verifies_on_its_own(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    dom = one_domain(directory, agents)
+    first, _ = two_workers(proxy, tmp_path / "trust")
+    (tmp_path / "trust").rmdir()  # e.g. removed by a temporary-files cleaner
+    assert first.chat(dom.alias, dom.member_token).status == 200
+    assert outcomes(first, "verified") == 1
