@@ -334,13 +334,15 @@ class _DecryptedStream(httpx2.SyncByteStream):
             chunks = iter(self._inner)
             for chunk in chunks:
                 plain = self._decoder.feed(chunk)
-                if self._decoder.ended:
-                    # Read the HTTP response to its end before handing over the last events: a
-                    # caller that stops at "data: [DONE]" then closes a finished exchange, not one
-                    # still in flight (which the proxy would audit as abandoned), and anything
-                    # after the end marker is refused.
+                if self._decoder.ended or self._decoder.last_event_seen:
+                    # Read the HTTP response to its end, and check its end marker, before
+                    # handing over the last events: a caller that stops at "data: [DONE]"
+                    # then closes a finished exchange, not one still in flight (which the proxy
+                    # would audit as abandoned), a cut-off answer fails before its last event
+                    # is seen, and anything after the end marker is refused.
                     for rest in chunks:
-                        self._decoder.feed(rest)
+                        plain += self._decoder.feed(rest)
+                    self._decoder.finish()
                 if plain:
                     yield plain
         self._decoder.finish()
@@ -471,10 +473,11 @@ class _AsyncDecryptedStream(httpx2.AsyncByteStream):
             chunks = aiter(self._inner)
             async for chunk in chunks:
                 plain = self._decoder.feed(chunk)
-                if self._decoder.ended:
+                if self._decoder.ended or self._decoder.last_event_seen:
                     # As in _DecryptedStream: the response is read to its end first.
                     async for rest in chunks:
-                        self._decoder.feed(rest)
+                        plain += self._decoder.feed(rest)
+                    self._decoder.finish()
                 if plain:
                     yield plain
         self._decoder.finish()

@@ -465,6 +465,15 @@ def split_records(data: bytes, framing: Framing) -> Iterator[bytes]:
         yield data[start:]
 
 
+_SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
+_NDJSON_DONE: Final = re.compile(rb'"done"\s*:\s*true')
+
+
+def _is_last_event(plaintext: bytes) -> bool:
+    """Whether a backend's record ends its stream (OpenAI's ``[DONE]``, Ollama's ``done``)."""
+    return _SSE_DONE.search(plaintext) is not None or _NDJSON_DONE.search(plaintext) is not None
+
+
 class StreamDecoder:
     """The client's decoder of a sealed stream (SSE or NDJSON): feed it what arrives, get the
     backend's original records back; :meth:`finish` raises if the end marker never came.
@@ -478,6 +487,9 @@ class StreamDecoder:
         self._framing = framing
         self._pending = b""
         self.usage: dict[str, int] = {}
+        #: A decrypted record was the backend's own last one (``data: [DONE]``, or an NDJSON
+        #: line with ``"done": true``): what follows is only the end marker.
+        self.last_event_seen = False
 
     @property
     def ended(self) -> bool:
@@ -496,7 +508,10 @@ class StreamDecoder:
             if not complete:
                 break
             consumed += len(record)
-            out.append(self._record(record))
+            plaintext = self._record(record)
+            if plaintext and not self.last_event_seen and _is_last_event(plaintext):
+                self.last_event_seen = True
+            out.append(plaintext)
         self._pending = data[consumed:]
         if len(self._pending) > 64 * 1024 * 1024:
             raise EnvelopeError("a sealed stream record is too large", code="e2e_malformed")
