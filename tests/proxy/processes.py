@@ -38,6 +38,22 @@ class Answer:
         return json.loads(self.body)
 
 
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (each worker of ``--workers N`` has its own, with
+    ``SO_REUSEPORT``), from the kernel's tables."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                count += 1
+    return count
+
+
 class ProxyProcess:
     """``cube-proxy`` on a free loopback port over ``database``; the admin bootstrapped."""
 
@@ -47,8 +63,10 @@ class ProxyProcess:
         self.args = [str(proxy_executable()), "--host", "127.0.0.1", "--port", str(self.port)]
         # One worker unless a test asks for more: tests count verifications, rate-limit
         # buckets and metrics of one process (several workers: tests/proxy/test_workers.py).
-        for name, value in {"workers": "1", **(extra or {})}.items():
+        options = {"workers": "1", **(extra or {})}
+        for name, value in options.items():
             self.args += [f"--{name}", value]
+        self.workers = int(options["workers"])
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_PROXY_")}
         self.env.update(
             {
@@ -78,7 +96,12 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cube-proxy exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if self.request("GET", "/health").status == 200:
+                # Every worker listening, not just the first: tests that spread connections
+                # over the workers would otherwise all reach the one that started first.
+                if (
+                    self.request("GET", "/health").status == 200
+                    and listening_sockets(self.port) >= self.workers
+                ):
                     return self
             except OSError:
                 pass
