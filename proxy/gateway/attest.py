@@ -201,9 +201,7 @@ class AttestationGate:
         return trust
 
     def _adopted(self, agent: Agent, trust: Trust) -> Trust:
-        previous = agent.trust
-        if previous is not None and previous.cert_sha256 == trust.cert_sha256:
-            trust = replace(trust, fingerprint=previous.fingerprint)  # keep pooled connections
+        trust = replace(trust, fingerprint=_fingerprint(agent, trust.cert_sha256))
         agent.trust = trust
         agent.failure = None
         agent.mark_up()
@@ -360,12 +358,7 @@ class AttestationGate:
                 f"{not_after.isoformat()}, not now ({wall.isoformat()})",
                 "certificate_expired",
             )
-        previous = agent.trust
-        fingerprint = (
-            previous.fingerprint
-            if previous is not None and previous.cert_sha256 == presented
-            else aiohttp.Fingerprint(presented)  # a new pin: new pooled connections
-        )
+        fingerprint = _fingerprint(agent, presented)
         # The evidence's age counts from when it was asked for (its claims' issue time is
         # after that); the policy bounds how long it is relied on.
         max_age = min(
@@ -383,6 +376,15 @@ class AttestationGate:
             refresh_at=started + max_age * self.settings.refresh_fraction,
             expires_at=started + max_age,
         )
+
+
+def _fingerprint(agent: Agent, cert_sha256: bytes) -> aiohttp.Fingerprint:
+    """The pin for ``cert_sha256``: the agent's current one when unchanged (its pooled
+    connections stay in use), else a new one (new pooled connections)."""
+    previous = agent.trust
+    if previous is not None and previous.cert_sha256 == cert_sha256:
+        return previous.fingerprint
+    return aiohttp.Fingerprint(cert_sha256)
 
 
 def _consume(task: asyncio.Task[Trust]) -> None:

@@ -194,10 +194,7 @@ def test_metrics_report_every_worker_together(tmp_path: Path) -> None:
         assert sum(per_worker) == 30 and all(n > 0 for n in per_worker), per_worker
         # ...and every scrape, whichever worker takes it, reports all 30.
         for _ in range(6):
-            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
-            conn.close()
+            text = _scrape(proxy)
             total = _metric(text, "cube_proxy_requests_total", route="/v1/models", status="503")
             assert total == 30, text
             assert _metric(text, "cube_proxy_in_flight") == 0
