@@ -41,6 +41,7 @@ from cube_client.e2e import (
     EnvelopeError,
     Framing,
     ResponseSealer,
+    is_last_event,
     key_id,
     open_request,
     request_key_id,
@@ -260,18 +261,30 @@ def seal_response(
 
 
 class StreamSealing:
-    """Seals a relayed stream record by record (one per SSE event or NDJSON line)."""
+    """Seals a relayed stream record by record (one per SSE event or NDJSON line).
+
+    The backend's last event (``data: [DONE]``, Ollama's ``"done": true``) and anything after it
+    are held back and go out with the end marker, in one write: a client that closes as soon as
+    it sees that event (the openai SDK does) then closes an exchange the proxy, which cannot read
+    sealed records, already saw end (otherwise it would audit a delivered answer as abandoned).
+    """
 
     def __init__(self, sealer: ResponseSealer, framing: Framing) -> None:
         self._sealer = sealer
         self._framing = framing
+        self._held = b""
 
     def seal(self, data: bytes) -> bytes:
-        """``data`` is one or more complete records (or a record-less blob): each sealed."""
-        return b"".join(
+        """``data`` is one or more complete records (or a record-less blob): each sealed. What
+        is returned goes out now; from the last event on, nothing does until :meth:`finish`."""
+        sealed = b"".join(
             self._sealer.event(record, self._framing)
             for record in split_records(data, self._framing)
         )
+        if self._held or is_last_event(data):
+            self._held += sealed
+            return b""
+        return sealed
 
     @property
     def ended(self) -> bool:
@@ -279,11 +292,12 @@ class StreamSealing:
         return self._sealer.ended
 
     def finish(self, usage: tuple[object, object] | None) -> bytes:
-        """The plaintext token counts (when known), then the sealed end marker."""
+        """What was held back, the plaintext token counts (when known), then the sealed end
+        marker."""
         prompt, completion = _counts(usage)
-        out = b""
+        out, self._held = self._held, b""
         if prompt is not None or completion is not None:
-            out = usage_record(prompt, completion, self._framing)
+            out += usage_record(prompt, completion, self._framing)
         return out + self._sealer.end(self._framing)
 
 

@@ -763,8 +763,11 @@ async def _relay_stream(
             found = usage(out)
             if found is not None:
                 last_usage = found
+            if sealing is not None:
+                out = sealing.seal(out)
             try:
-                await response.write(out if sealing is None else sealing.seal(out))
+                if out:
+                    await response.write(out)
             except ConnectionError:
                 exchange.status = _STATUS_CLIENT_CLOSED
                 log.info(

@@ -56,6 +56,7 @@ __all__ = [
     "ResponseOpener",
     "ResponseSealer",
     "StreamDecoder",
+    "is_last_event",
     "key_id",
     "open_request",
     "open_whole",
@@ -469,7 +470,7 @@ _SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
 _NDJSON_DONE: Final = re.compile(rb'"done"\s*:\s*true')
 
 
-def _is_last_event(plaintext: bytes) -> bool:
+def is_last_event(plaintext: bytes) -> bool:
     """Whether a backend's record ends its stream (OpenAI's ``[DONE]``, Ollama's ``done``)."""
     return _SSE_DONE.search(plaintext) is not None or _NDJSON_DONE.search(plaintext) is not None
 
@@ -509,7 +510,7 @@ class StreamDecoder:
                 break
             consumed += len(record)
             plaintext = self._record(record)
-            if plaintext and not self.last_event_seen and _is_last_event(plaintext):
+            if plaintext and not self.last_event_seen and is_last_event(plaintext):
                 self.last_event_seen = True
             out.append(plaintext)
         self._pending = data[consumed:]

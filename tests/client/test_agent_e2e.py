@@ -264,3 +264,38 @@ def test_a_backend_dying_mid_stream_ends_the_sealed_stream_with_an_error(
     assert plain.count(b"data: {") == 3  # two events, then the error record
     assert "backend failed mid-stream" in caplog.text
     assert "forwarding failed" not in caplog.text  # nothing more was written after the end
+
+
+def test_a_sealed_streams_last_event_goes_out_with_the_end_marker(
+    agent: InProcessAgent, issuer: TokenIssuer, fake_openai: FakeOpenAI
+) -> None:
+    # The backend keeps its stream open after [DONE] for a while: the sealed [DONE] must not
+    # reach the client before the end marker does (a client that closes at [DONE] would leave
+    # the proxy, which cannot read it, seeing an unfinished stream).
+    fake_openai.linger = 0.5
+    envelope, meta = sealed(agent, body(stream=True))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", agent.port, context=ctx, timeout=30)
+    try:
+        conn.request("POST", CHAT, body=envelope, headers=headers(issuer))
+        response = conn.getresponse()
+        assert response.status == 200
+        decoder = e2e.StreamDecoder(meta, "sse")
+        plain = b""
+        done_at = ended_at = None
+        while chunk := response.read1(65536):
+            plain += decoder.feed(chunk)
+            now = time.monotonic()
+            if done_at is None and decoder.last_event_seen:
+                done_at = now
+            if ended_at is None and decoder.ended:
+                ended_at = now
+        decoder.finish()
+    finally:
+        conn.close()
+    assert plain.rstrip().endswith(b"data: [DONE]")
+    assert plain.count(b"data: {") >= 3  # the events before it came through too
+    assert done_at is not None and ended_at is not None
+    assert ended_at - done_at < 0.25  # together, not [DONE] then the 0.5 s linger
