@@ -104,6 +104,7 @@ def _json_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
+            _check_target(request)
             return await handler(request)
         except TooManyAttempts as exc:
             return error_response(
@@ -146,16 +147,55 @@ def _identity(request: web.Request) -> Identity:
     return request.app[IDENTITY]
 
 
+_MAX_NESTING = 32  # far deeper than any admin body (a policy is four levels)
+
+
+def _check_text(value: object, depth: int = 0) -> None:
+    """Refuse what no field may hold and the store could not keep: a NUL (PostgreSQL text
+    cannot), a lone surrogate (not UTF-8: it would fail later, at hashing or storing), and
+    nesting deeper than any admin body needs."""
+    if depth > _MAX_NESTING:
+        raise Invalid("the request body is nested too deeply")
+    if isinstance(value, str):
+        _check_string(value, "the request body")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, depth + 1)
+            _check_text(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, depth + 1)
+
+
+def _check_string(value: str, where: str) -> None:
+    if "\x00" in value:
+        raise Invalid(f"{where} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(f"{where} contains text that is not valid Unicode") from None
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
+    # UTF-8 whatever the Content-Type says (RFC 8259): an unknown charset is no reason to fail.
+    raw = await request.read()
     try:
-        value = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise Invalid("the request body is not valid JSON") from exc
     if not isinstance(value, dict):
         raise Invalid("the request body must be a JSON object")
+    _check_text(value)
     return value
+
+
+def _check_target(request: web.Request) -> None:
+    """A NUL or a lone surrogate in the path or the query names nothing the store holds."""
+    _check_string(request.path, "the request path")
+    for key, item in request.query.items():
+        _check_string(key + item, "the query")
 
 
 def _bearer(request: web.Request) -> str:
@@ -180,7 +220,9 @@ def _require_platform_admin(principal: Principal) -> None:
         raise Forbidden("this requires a platform administrator")
 
 
-def _int_query(request: web.Request, name: str, default: int | None, *, maximum: int) -> int | None:
+def _int_query(
+    request: web.Request, name: str, default: int | None, *, maximum: int, minimum: int = 1
+) -> int | None:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -188,8 +230,8 @@ def _int_query(request: web.Request, name: str, default: int | None, *, maximum:
         value = int(raw)
     except ValueError as exc:
         raise Invalid(f"{name} must be an integer") from exc
-    if not 1 <= value <= maximum:
-        raise Invalid(f"{name} must be between 1 and {maximum}")
+    if not minimum <= value <= maximum:
+        raise Invalid(f"{name} must be between {minimum} and {maximum}")
     return value
 
 
@@ -283,7 +325,7 @@ async def me(request: web.Request) -> web.Response:
 async def list_users(request: web.Request) -> web.Response:
     _require_platform_admin(await _principal(request))
     limit = _int_query(request, "limit", 100, maximum=1000) or 100
-    offset = _int_query(request, "offset", None, maximum=10**9) or 0
+    offset = _int_query(request, "offset", 0, maximum=10**9, minimum=0) or 0
     found = await _identity(request).list_users(limit=limit, offset=offset)
     return web.json_response({"users": [u.to_json() for u in found]})
 
@@ -343,8 +385,7 @@ async def update_user(request: web.Request) -> web.Response:
         current = body.get("current_password")
         if not isinstance(current, str):
             raise Invalid("current_password is required to change your password")
-        matches, _ = await identity.hashing.verify(await identity.password_hash(user_id), current)
-        if not matches:
+        if not await identity.check_password(principal.user, current):
             raise Forbidden("current_password is wrong")
     for flag in ("is_admin", "disabled"):
         if flag in body and not isinstance(body[flag], bool):
@@ -431,7 +472,7 @@ async def update_domain(request: web.Request) -> web.Response:
 async def delete_domain(request: web.Request) -> web.Response:
     principal = await _principal(request)
     access = await _access(request, principal)
-    if not (access.is_owner and principal.pat_domain_id is None) and not _platform_admin(principal):
+    if not access.is_owner and not _platform_admin(principal):
         raise Forbidden("only an owner (logged in) or a platform administrator can delete a domain")
     await _identity(request).delete_domain(access.domain.id)
     await _audit_admin(request, principal, access.domain.id, 204, "domain deleted")
@@ -711,6 +752,9 @@ async def get_token(request: web.Request) -> web.Response:
         pat = await identity.get_pat(request.match_info["token_id"])
     except NotFound:
         raise NotFound("no such token") from None
+    if principal.pat_domain_id is not None and pat.domain_id != principal.pat_domain_id:
+        # A PAT sees only its own domain's tokens, as in the list.
+        raise NotFound("no such token")
     if pat.user_id != principal.user.id:
         try:
             (await identity.domain_access(principal, pat.domain_id)).require("manage_members")

@@ -173,9 +173,11 @@ def users() -> None:
 
 
 @users.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @pass_client
-def users_list(client: _Client) -> None:
-    _print(client.call("GET", "/admin/users"))
+def users_list(client: _Client, limit: int, offset: int) -> None:
+    _print(client.call("GET", f"/admin/users?limit={limit}&offset={offset}"))
 
 
 @users.command("create")

@@ -27,7 +27,7 @@ class OidcConfig:
     jwks_file: Path | None = None
     jwks_url: str | None = None
     email_claim: str = "email"
-    #: Refuse tokens whose ``email_verified`` claim is present and false.
+    #: Accept a token only if its ``email_verified`` claim is the JSON value ``true``.
     require_verified_email: bool = True
     jwks_refresh_seconds: float = 300.0
     #: A CA bundle to verify the JWKS URL's certificate with (default: the system's).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "check_role",
     "dump_list",
     "load_list",
+    "normal_email",
 ]
 
 BACKEND_KINDS: tuple[BackendKind, ...] = ("vllm", "openai", "ollama")
@@ -49,6 +51,8 @@ _ID_LIKE = re.compile(r"^[0-9a-f]{32}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _MODEL = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable, no spaces (scope entries split on them)
 MAX_MODELS = 256
+#: Limits are 32-bit integer columns (PostgreSQL's INTEGER).
+MAX_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -246,11 +250,21 @@ def backend_json(spec: BackendSpec) -> dict[str, Any]:
 # -- validation ----------------------------------------------------------------------------------
 
 
+def normal_email(value: str) -> str:
+    """The one form an address is stored, looked up and throttled in: two spellings of one
+    address (case, composed or decomposed accents) are one account."""
+    return unicodedata.normalize("NFC", value.strip()).lower()
+
+
 def check_email(value: object) -> str:
     if not isinstance(value, str):
         raise Invalid("email must be a string")
-    email = value.strip().lower()
-    if len(email) > 320 or not _EMAIL.match(email):
+    email = normal_email(value)
+    if (
+        len(email) > 320
+        or not _EMAIL.match(email)
+        or any(unicodedata.category(c)[0] == "C" for c in email)  # control, format, surrogate
+    ):
         raise Invalid("email is not a valid address")
     return email
 
@@ -335,6 +349,8 @@ def check_backend_url(value: object) -> str:
         raise Invalid("url must name a host and carry no credentials")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise Invalid("url must be the agent's base URL (https://host:port), without a path")
+    if port == 0 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in parts.hostname):
+        raise Invalid("url must name a valid host and port")
     host = parts.hostname
     if ":" in host:
         host = f"[{host}]"
@@ -344,8 +360,8 @@ def check_backend_url(value: object) -> str:
 def check_limit(value: object, what: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**12:
-        raise Invalid(f"{what} must be a positive integer or null")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise Invalid(f"{what} must be an integer from 1 to {MAX_LIMIT}, or null")
     return value
 
 

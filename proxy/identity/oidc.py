@@ -22,6 +22,7 @@ import jwt
 
 from proxy.identity.config import OidcConfig
 from proxy.identity.errors import Unauthorized
+from proxy.identity.models import normal_email
 
 __all__ = ["ASYMMETRIC", "JwksError", "OidcVerifier", "parse_jwks"]
 
@@ -163,9 +164,11 @@ class OidcVerifier:
             raise Unauthorized("the token has expired", code="token_expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthorized("the token is not valid") from exc
-        if self.config.require_verified_email and claims.get("email_verified") is False:
+        if self.config.require_verified_email and claims.get("email_verified") is not True:
+            # Only the JSON value true: "false", 0 or no claim at all do not vouch for the
+            # address, and the address is what maps the token to a local account.
             raise Unauthorized("the token's email is not verified")
         email = claims.get(self.config.email_claim)
         if not isinstance(email, str) or not email:
             raise Unauthorized("the token carries no email")
-        return email.strip().lower(), float(claims["exp"])
+        return normal_email(email), float(claims["exp"])

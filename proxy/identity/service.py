@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -81,6 +81,7 @@ from proxy.identity.models import (
     check_role,
     dump_list,
     load_list,
+    normal_email,
 )
 from proxy.identity.oidc import OidcVerifier
 from proxy.identity.passwords import PasswordHashing, check_password_rules
@@ -94,6 +95,8 @@ T = TypeVar("T")
 ACCESS_LEEWAY_SECONDS = 10
 _CACHE_MAX = 10_000
 _LAST_USED_EVERY = 60.0
+#: Even with no configured maximum, a PAT's lifetime must stay a representable time.
+_PAT_TTL_CEILING = 100 * 365 * 24 * 3600
 _ADMIN_POWERS = frozenset({"manage_domain", "manage_members", "manage_backends"})
 
 
@@ -108,6 +111,7 @@ class DomainAccess:
     domain: Domain
     role: str | None  # None: a platform admin who is not a member
     actions: frozenset[str]
+    by_token: bool = False  # through a personal access token, not a login
 
     def require(self, action: str) -> None:
         if action not in self.actions:
@@ -115,7 +119,10 @@ class DomainAccess:
 
     @property
     def is_owner(self) -> bool:
-        return self.role == "owner"
+        """An owner acting with a login. A PAT never carries the owner's own powers (grant or
+        take the owner role, delete the domain): a leaked token with ``manage_members`` must
+        not be enough to make someone else owner and take the domain over."""
+        return self.role == "owner" and not self.by_token
 
 
 def _now() -> float:
@@ -354,7 +361,7 @@ class Identity:
     async def find_user(self, email: str) -> User | None:
         async with self.db.read() as conn:
             row = (
-                (await conn.execute(sa.select(users).where(users.c.email == email.strip().lower())))
+                (await conn.execute(sa.select(users).where(users.c.email == normal_email(email))))
                 .mappings()
                 .first()
             )
@@ -407,19 +414,9 @@ class Identity:
         now = _now()
         try:
             async with self.db.write() as conn:
-                row = (
-                    (
-                        await conn.execute(
-                            sa.select(users).where(users.c.id == user_id).with_for_update()
-                        )
-                    )
-                    .mappings()
-                    .first()
-                )
-                if row is None:
-                    raise NotFound("no such user")
-                if row["is_admin"] and (is_admin is False or disabled is True):
-                    await self._keep_an_admin(conn, user_id)
+                row, other_admins = await self._lock_user(conn, user_id)
+                if row["is_admin"] and (is_admin is False or disabled is True) and not other_admins:
+                    raise Conflict("this is the last enabled platform administrator")
                 if values:
                     await conn.execute(
                         sa.update(users)
@@ -454,32 +451,60 @@ class Identity:
                 sa.insert(passwords).values(user_id=user_id, hash=hashed, updated_at=now)
             )
 
-    async def _keep_an_admin(self, conn: Any, user_id: str) -> None:
-        others = (
-            await conn.execute(
-                sa.select(sa.func.count())
-                .select_from(users)
-                .where(users.c.is_admin, ~users.c.disabled, users.c.id != user_id)
+    async def _lock_user(self, conn: Any, user_id: str) -> tuple[Mapping[str, Any], int]:
+        """Lock ``user_id``'s row and every enabled platform administrator's, in id order (so
+        two concurrent changes neither deadlock nor both take away the last administrator);
+        the user's row and how many other enabled administrators there are."""
+        rows = (
+            (
+                await conn.execute(
+                    sa.select(users)
+                    .where(
+                        sa.or_(users.c.id == user_id, sa.and_(users.c.is_admin, ~users.c.disabled))
+                    )
+                    .order_by(users.c.id)
+                    .with_for_update()
+                )
             )
-        ).scalar()
-        if not others:
-            raise Conflict("this is the last enabled platform administrator")
+            .mappings()
+            .all()
+        )
+        mine = [r for r in rows if r["id"] == user_id]
+        if not mine:
+            raise NotFound("no such user")
+        return mine[0], len(rows) - 1
+
+    async def _owned_domains(self, conn: Any, user_id: str) -> list[str]:
+        return list(
+            (
+                await conn.execute(
+                    sa.select(members.c.domain_id)
+                    .where(members.c.user_id == user_id, members.c.role == "owner")
+                    .order_by(members.c.domain_id)
+                )
+            )
+            .scalars()
+            .all()
+        )
 
     async def delete_user(self, user_id: str) -> None:
+        """Delete a user, unless that would leave no enabled platform administrator or a
+        domain without an owner (409: give the domain another owner, or delete it, first)."""
         async with self.db.write() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        sa.select(users).where(users.c.id == user_id).with_for_update()
-                    )
+            # Domains before users, each in id order: the order membership changes take them.
+            for domain_id in await self._owned_domains(conn, user_id):
+                await self._lock_domain(conn, domain_id)
+            row, other_admins = await self._lock_user(conn, user_id)
+            if row["is_admin"] and not other_admins:
+                raise Conflict("this is the last enabled platform administrator")
+            for domain_id in await self._owned_domains(conn, user_id):
+                await self._keep_an_owner(
+                    conn,
+                    domain_id,
+                    user_id,
+                    "this user is the last owner of a domain: give it another owner, or delete "
+                    "it, first",
                 )
-                .mappings()
-                .first()
-            )
-            if row is None:
-                raise NotFound("no such user")
-            if row["is_admin"]:
-                await self._keep_an_admin(conn, user_id)
             await conn.execute(sa.delete(users).where(users.c.id == user_id))
         self._invalidate()
 
@@ -541,10 +566,20 @@ class Identity:
             )
         return int(result.rowcount)
 
+    async def check_password(self, user: User, password: str) -> bool:
+        """Whether ``password`` is ``user``'s, counted against the same per-account failure
+        limit as logins (raises :class:`TooManyAttempts` past it): a stolen session must not
+        become an unlimited password-guessing oracle."""
+        await self._count_attempt(user.email)
+        matches, _ = await self.hashing.verify(await self.password_hash(user.id), password[:4096])
+        if matches:
+            await self._clear_attempts(user.email)
+        return matches
+
     async def login(self, email: object, password: object) -> TokenPair:
         if not isinstance(email, str) or not isinstance(password, str):
             raise Invalid("email and password are required")
-        email_ = email.strip().lower()
+        email_ = normal_email(email)
         await self._count_attempt(email_)
         async with self.db.read() as conn:
             row = (
@@ -1093,8 +1128,9 @@ class Identity:
             return limit
         if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in < 1:
             raise Invalid("expires_in must be a positive number of seconds")
-        if limit is not None and expires_in > limit:
-            raise Invalid(f"expires_in must be at most {limit} seconds")
+        cap = _PAT_TTL_CEILING if limit is None else min(limit, _PAT_TTL_CEILING)
+        if expires_in > cap:
+            raise Invalid(f"expires_in must be at most {cap} seconds")
         return expires_in
 
     async def list_pats(
@@ -1183,7 +1219,12 @@ class Identity:
             actions = actions | _ADMIN_POWERS
         if role is None and not actions:
             raise NotFound("no such domain")
-        return DomainAccess(domain=domain, role=role, actions=actions)
+        return DomainAccess(
+            domain=domain,
+            role=role,
+            actions=actions,
+            by_token=principal.pat_domain_id is not None,
+        )
 
     async def list_domains(self, principal: Principal) -> list[tuple[Domain, str | None]]:
         """Domains visible to the principal, with its role in each."""
@@ -1327,6 +1368,7 @@ class Identity:
         await self.get_user(user_id)
         now = _now()
         async with self.db.write() as conn:
+            await self._lock_domain(conn, domain_id)
             current = (
                 await conn.execute(
                     sa.select(members.c.role)
@@ -1335,7 +1377,10 @@ class Identity:
                 )
             ).scalar()
             if (role_ == "owner" or current == "owner") and not may_own:
-                raise Forbidden("only an owner can grant or change the owner role")
+                raise Forbidden(
+                    "only an owner (logged in, not with a token) or a platform administrator "
+                    "can grant or change the owner role"
+                )
             if current == "owner" and role_ != "owner":
                 await self._keep_an_owner(conn, domain_id, user_id)
             if current is None:
@@ -1353,16 +1398,31 @@ class Identity:
         self._invalidate()
         return await self.get_member(domain_id, user_id)
 
-    async def _keep_an_owner(self, conn: Any, domain_id: str, user_id: str) -> None:
+    async def _lock_domain(self, conn: Any, domain_id: str) -> None:
+        """Serialise the membership changes of one domain on its row: two owners demoting
+        themselves at once, or two adds of one user, wait for each other instead of
+        deadlocking or failing on the primary key (PostgreSQL; SQLite writes one at a time)."""
+        await conn.execute(
+            sa.select(domains.c.id).where(domains.c.id == domain_id).with_for_update()
+        )
+
+    async def _keep_an_owner(
+        self,
+        conn: Any,
+        domain_id: str,
+        user_id: str,
+        message: str = "a domain must keep at least one owner",
+    ) -> None:
         owners = (
             await conn.execute(
                 sa.select(members.c.user_id)
                 .where(members.c.domain_id == domain_id, members.c.role == "owner")
+                .order_by(members.c.user_id)
                 .with_for_update()
             )
         ).all()
         if not [o for o in owners if o[0] != user_id]:
-            raise Conflict("a domain must keep at least one owner")
+            raise Conflict(message)
 
     async def remove_member(
         self, access: DomainAccess, *, user_id: str, platform_admin: bool
@@ -1370,6 +1430,7 @@ class Identity:
         access.require("manage_members")
         domain_id = access.domain.id
         async with self.db.write() as conn:
+            await self._lock_domain(conn, domain_id)
             current = (
                 await conn.execute(
                     sa.select(members.c.role)
@@ -1381,7 +1442,10 @@ class Identity:
                 raise NotFound("no such member")
             if current == "owner":
                 if not (access.is_owner or platform_admin):
-                    raise Forbidden("only an owner can remove an owner")
+                    raise Forbidden(
+                        "only an owner (logged in, not with a token) or a platform "
+                        "administrator can remove an owner"
+                    )
                 await self._keep_an_owner(conn, domain_id, user_id)
             await conn.execute(
                 sa.delete(members).where(

@@ -476,25 +476,30 @@ def test_oidc_tokens_map_to_users_by_email(tmp_path: Path) -> None:
     jwks = external.write_jwks(tmp_path / "idp-jwks.json")
     oidc = OidcConfig(issuer="https://idp.example", audience="cube-proxy", jwks_file=jwks)
 
+    def verified(**claims: Any) -> str:
+        return external.token(**{"email_verified": True, **claims})
+
     async def body(identity: Identity) -> None:
         user = await identity.create_user(email="ivy@example.com", password=None)
         domain = await identity.create_domain(alias="acme", name="", owner_id=user.id)
         for kid in ("ed-1", "es-1", "rs-1"):
-            token = external.token(kid=kid, sub="idp-123", email="IVY@example.com")
+            token = verified(kid=kid, sub="idp-123", email="IVY@example.com")
             principal = await identity.authenticate_principal(token)
             assert principal.user.id == user.id and principal.token_kind == "oidc"
-        caller = await identity.authenticate(
-            external.token(email="ivy@example.com"), domain_alias="acme"
-        )
+        caller = await identity.authenticate(verified(email="ivy@example.com"), domain_alias="acme")
         assert caller.domain_id == domain.id and caller.token_kind == "oidc"
         assert "manage_members" in caller.actions  # the owner's actions
 
         refused = [
-            external.token(email="nobody@example.com"),  # no such user
-            external.token(email="ivy@example.com", aud="someone-else"),
-            external.token(email="ivy@example.com", email_verified=False),
-            external.token(email="ivy@example.com", exp=int(time.time()) - 3600),
-            external.token(sub="no-email"),
+            verified(email="nobody@example.com"),  # no such user
+            verified(email="ivy@example.com", aud="someone-else"),
+            # Only the JSON value true vouches for the address:
+            verified(email="ivy@example.com", email_verified=False),
+            verified(email="ivy@example.com", email_verified="true"),
+            verified(email="ivy@example.com", email_verified=1),
+            external.token(email="ivy@example.com"),  # no email_verified claim
+            verified(email="ivy@example.com", exp=int(time.time()) - 3600),
+            verified(sub="no-email"),
             jwt.encode(
                 {"iss": "https://idp.example", "aud": "cube-proxy", "email": "ivy@example.com"},
                 "k" * 32,
@@ -512,10 +517,10 @@ def test_oidc_tokens_map_to_users_by_email(tmp_path: Path) -> None:
             with pytest.raises(Unauthorized):
                 await identity.authenticate_principal(token)
         with pytest.raises(AuthError):
-            await identity.authenticate(external.token(email="ivy@example.com"), domain_alias=None)
+            await identity.authenticate(verified(email="ivy@example.com"), domain_alias=None)
         await identity.update_user(user.id, disabled=True)
         with pytest.raises(Unauthorized):
-            await identity.authenticate_principal(external.token(email="ivy@example.com"))
+            await identity.authenticate_principal(verified(email="ivy@example.com"))
 
     use_identity(str(tmp_path / "p.db"), body, oidc=oidc)
 
@@ -622,11 +627,11 @@ def test_oidc_jwks_from_an_https_url_follows_key_rotation(tmp_path: Path) -> Non
             identity = await Id.open(identity_config(str(tmp_path / "p.db"), oidc=oidc))
             try:
                 await identity.create_user(email="ivy@example.com")
-                token = external.token(email="ivy@example.com")
+                token = external.token(email="ivy@example.com", email_verified=True)
                 assert (await identity.authenticate_principal(token)).token_kind == "oidc"
                 assert len(fetches) == 1
                 published["jwks"] = {"keys": [*external.jwks()["keys"], *rotated.jwks()["keys"]]}
-                new = rotated.token(kid="ed-2", email="ivy@example.com")
+                new = rotated.token(kid="ed-2", email="ivy@example.com", email_verified=True)
                 assert (await identity.authenticate_principal(new)).user.email == "ivy@example.com"
                 assert len(fetches) == 2
             finally:
