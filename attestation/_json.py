@@ -132,10 +132,12 @@ class ObjectReader:
         value = self.typed(key, bool)
         return default if value is None else value
 
-    def integer(self, key: str, *, minimum: int = 0, required: bool = False) -> int | None:
+    def integer(
+        self, key: str, *, minimum: int = 0, maximum: int = 2**63 - 1, required: bool = False
+    ) -> int | None:
         value = self.typed(key, int, required=required)
-        if value is not None and value < minimum:
-            raise self.error(f"{self.what}.{key}: must be >= {minimum}")
+        if value is not None and not minimum <= value <= maximum:
+            raise self.error(f"{self.what}.{key}: must be from {minimum} to {maximum}")
         return value
 
     def strings(self, key: str) -> tuple[str, ...] | None:

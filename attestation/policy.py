@@ -100,8 +100,9 @@ class Policy:
                     f"policy.platforms: unknown platform {p!r} (known: {', '.join(known)})"
                 )
         default = cls()
-        max_age = r.integer("max_evidence_age_seconds", minimum=1)
-        skew = r.integer("max_clock_skew_seconds", minimum=0)
+        # A year and a day: bounds far past any sensible value that keep times representable.
+        max_age = r.integer("max_evidence_age_seconds", minimum=1, maximum=366 * 86400)
+        skew = r.integer("max_clock_skew_seconds", minimum=0, maximum=86400)
         revoked = r.hex_list("revoked_measurements", 48)
         versions = r.strings("agent_versions")
         policy = cls(

@@ -184,6 +184,10 @@ def test_unknown_keys_everywhere(path: str) -> None:
         ("sev_snp.vmpls", []),
         ("sev_snp.min_guest_svn", True),
         ("sev_snp.products", ["Bergamo"]),
+        # times that would not be representable (a datetime or a float overflows)
+        ("max_evidence_age_seconds", 10**400),
+        ("max_evidence_age_seconds", 366 * 86400 + 1),
+        ("max_clock_skew_seconds", 86401),
         # int (or string) where a bool is expected
         ("allow_simulated", 1),
         ("allow_simulated", "false"),

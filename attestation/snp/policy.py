@@ -24,10 +24,7 @@ _U32_MAX: Final = 0xFFFF_FFFF
 
 
 def _int_in_range(reader: ObjectReader, key: str, maximum: int) -> int | None:
-    value = reader.integer(key)
-    if value is not None and value > maximum:
-        raise InvalidPolicyError(f"{reader.what}.{key}: must be <= {maximum}")
-    return value
+    return reader.integer(key, maximum=maximum)
 
 
 def _no_nulls(obj: object, what: str) -> None:
