@@ -96,6 +96,7 @@ class ProxyConfig:
     audit_queue_size: int = GatewaySettings.audit_queue_size
     durable_audit: bool = GatewaySettings.durable_audit
     max_evidence_bytes: int = GatewaySettings.max_evidence_bytes
+    max_answer_bytes: int = GatewaySettings.max_answer_bytes
     access_log: bool = GatewaySettings.access_log
 
     @property

@@ -14,7 +14,9 @@ Anything else hands the connection to aiohttp (its ``RequestHandler`` protocol t
 transport with the bytes already read) at a request boundary, for good: the admin API, JWKS,
 ``/health``, ``/metrics``, evidence pass-through, and every request this parser does not take
 as ordinary — another method or HTTP version, ``Transfer-Encoding``, ``Expect``, ``Upgrade``,
-a folded or malformed header, a percent-encoded path, a body over the size limit. aiohttp's
+a folded or malformed header, a percent-encoded path, a head over 16 KiB or a header line over
+8190 bytes, a body over 1 MiB (read here before the credential is checked, so only small ones;
+aiohttp's handlers check it first). aiohttp's
 strict parser and handlers then answer exactly as they did before this module existed.
 
 What the fast path keeps of aiohttp's behaviour: keep-alive (idle connections closed after
@@ -73,9 +75,13 @@ log = logging.getLogger("cube.proxy")
 
 #: Idle keep-alive connections are closed after this long (aiohttp's default).
 KEEPALIVE_SECONDS: Final = 75.0
-#: A request head not complete after this long closes the connection.
+#: A request (head and body) not complete after this long closes the connection.
 HEAD_TIMEOUT_SECONDS: Final = 60.0
 _MAX_HEAD: Final = 16 * 1024
+_MAX_HEADER_LINE: Final = 8190  # aiohttp's limit: a longer line is aiohttp's to refuse
+#: Bodies are read before the credential is checked here, so larger ones go to aiohttp, whose
+#: handlers check it first: an anonymous client can make the fast path hold this much at most.
+_MAX_FAST_BODY: Final = 1024 * 1024
 _MAX_HEADERS: Final = 100
 #: Pipelined bytes buffered beyond the request being answered before reading pauses.
 _MAX_BUFFERED: Final = 1024 * 1024
@@ -165,7 +171,9 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.closing = False
         self.last_active = time.monotonic()
+        #: When the request now being read began to arrive (None between requests).
         self.head_started: float | None = None
+        self.streaming = False  # a stream's head was written for the request being answered
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -220,12 +228,12 @@ class _Connection(asyncio.Protocol):
             if not buffer:
                 self.head_started = None
                 return
+            if self.head_started is None:
+                self.head_started = time.monotonic()
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
+            if end < 0 or end > _MAX_HEAD:
                 if len(buffer) > _MAX_HEAD:
                     self._hand_off()
-                elif self.head_started is None:
-                    self.head_started = time.monotonic()
                 return
             try:
                 parsed: _Request | None = self._parse(bytes(buffer[:end]))
@@ -247,8 +255,8 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self, head: bytes) -> _Request:
         """The request head, if the fast path takes it; else :class:`_HandOff`."""
-        if _CONTROL.search(head.replace(b"\r\n", b"")):
-            raise _HandOff  # control characters (bare CR or LF, NUL...): aiohttp refuses them
+        if _CONTROL.search(head.replace(b"\r\n", b"")) or b"\t" in head.split(b"\r\n", 1)[0]:
+            raise _HandOff  # control characters (bare CR or LF, NUL, a tab in the request line)
         text = head.decode("latin-1")
         lines = text.split("\r\n")
         parts = lines[0].split(" ")
@@ -266,7 +274,7 @@ class _Connection(asyncio.Protocol):
         close = False
         for line in lines[1:]:
             name, sep, value = line.partition(":")
-            if not sep or not _TOKEN.fullmatch(name):
+            if not sep or not _TOKEN.fullmatch(name) or len(line) > _MAX_HEADER_LINE:
                 raise _HandOff  # includes folded lines (a leading space)
             lower = name.lower()
             value = value.strip(" \t")
@@ -283,8 +291,8 @@ class _Connection(asyncio.Protocol):
                     raise _HandOff
                 close = "close" in tokens
             headers.add(name, value)
-        if length > self.site.max_body:
-            raise _HandOff  # aiohttp answers 413
+        if length > min(self.site.max_body, _MAX_FAST_BODY):
+            raise _HandOff  # aiohttp checks the credential first, and answers 413 past the limit
         alias, prefix, tail, ollama = route
         inc = Incoming(
             method=method,
@@ -401,11 +409,17 @@ class _Connection(asyncio.Protocol):
                 },
             )
             status = 500
-            self._write_reply(
-                _error_reply(ex, GatewayError(500, "internal error", code="internal_error")),
-                inc.request_id,
-                close=True,
-            )
+            self.closing = True
+            if self.streaming:
+                # A stream's head is out: no clean answer can follow; the client must see a cut.
+                if self.transport is not None:
+                    self.transport.abort()
+            else:
+                self._write_reply(
+                    _error_reply(ex, GatewayError(500, "internal error", code="internal_error")),
+                    inc.request_id,
+                    close=True,
+                )
         finally:
             if site.access_log:
                 fields = {
@@ -418,6 +432,7 @@ class _Connection(asyncio.Protocol):
                 }
                 log_line(access_log, "request", fields)
             self.task = None
+            self.streaming = False
             self.last_active = time.monotonic()
             if request.close:
                 self.closing = True
@@ -463,7 +478,7 @@ class _Connection(asyncio.Protocol):
         headers = response_headers(upstream, agent, trust)
         ex.status = upstream.status
         if not is_stream(upstream):
-            body = await read_whole(ex, upstream, agent)
+            body = await read_whole(gw, ex, upstream, agent)
             ex.usage = whole_usage(upstream, body)
             headers.append((PROXY_MS_HEADER, ex.added_ms()))
             return _Reply(upstream.status, headers, body)
@@ -477,6 +492,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise asyncio.CancelledError
         out = _Coalescer(transport, ex)
+        self.streaming = True
         out.add(
             _head_bytes(
                 upstream.status,
@@ -633,13 +649,13 @@ class EdgeSite(web.TCPSite):
                 conn.transport.abort()
 
     async def _sweep(self) -> None:
-        """Close idle keep-alive connections and heads that never complete."""
+        """Close idle keep-alive connections and requests (head and body) that never complete."""
         while True:
             await asyncio.sleep(5)
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.task is not None or conn.pending is not None:
-                    continue  # answering, or reading a request's body
+                if conn.task is not None:
+                    continue  # answering
                 started = conn.head_started
                 if (started is not None and now - started > HEAD_TIMEOUT_SECONDS) or (
                     started is None

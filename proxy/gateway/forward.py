@@ -164,11 +164,19 @@ class Incoming:
 
 def incoming(request: web.Request) -> Incoming:
     """An aiohttp request as :class:`Incoming`."""
+    headers: MultiMapping[str] = request.headers
+    if not all(value.isascii() for value in headers.values()):
+        # aiohttp decodes header bytes as UTF-8 (surrogates for the rest); the fast path and the
+        # hop to the agent read them as ISO-8859-1: back to the bytes the client sent.
+        headers = CIMultiDict(
+            (name, value.encode("utf-8", "surrogateescape").decode("latin-1"))
+            for name, value in headers.items()
+        )
     return Incoming(
         method=request.method,
         raw_path=request.rel_url.raw_path,
         query=request.rel_url.raw_query_string,
-        headers=request.headers,
+        headers=headers,
         request_id=request[REQUEST_ID],
     )
 
@@ -269,7 +277,7 @@ async def _read_model(body: bytes, ollama: bool) -> str | None:
             data = await asyncio.to_thread(json.loads, body)
         else:
             data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return None  # not JSON: the agent answers that; no model scope to check here
     return _model_of(data, ollama)
 
@@ -449,14 +457,14 @@ async def _open(
         return response, trust
 
 
-async def read_whole(ex: Exchange, upstream: UpstreamResponse, agent: Agent) -> bytes:
+async def read_whole(gw: Gateway, ex: Exchange, upstream: UpstreamResponse, agent: Agent) -> bytes:
     """A non-streamed answer's body (the wait counted as the agent's time)."""
     t0 = time.perf_counter()
     try:
-        return await upstream.read()
-    except UpstreamError:
+        return await upstream.read(gw.settings.max_answer_bytes)
+    except UpstreamError as exc:
         raise GatewayError(
-            502, f"agent {agent.id} failed while answering", code="agent_disconnected"
+            502, f"agent {agent.id} failed while answering ({exc})", code="agent_disconnected"
         ) from None
     finally:
         ex.upstream_wait += time.perf_counter() - t0
@@ -474,7 +482,7 @@ async def _relay(
     headers = CIMultiDict(response_headers(upstream, agent, trust))
     ex.status = upstream.status
     if not is_stream(upstream):
-        body = await read_whole(ex, upstream, agent)
+        body = await read_whole(gw, ex, upstream, agent)
         ex.usage = whole_usage(upstream, body)
         headers[PROXY_MS_HEADER] = ex.added_ms()
         return web.Response(body=body, status=upstream.status, headers=headers)
@@ -884,7 +892,7 @@ async def _pass_evidence(
                     headers=[("Accept", "application/json")],
                     fresh=fresh,
                 )
-                body = await upstream.read()
+                body = await upstream.read(gw.settings.max_evidence_bytes)
         except CertificateMismatch:
             ex.upstream_wait += time.perf_counter() - t0
             gw.gate.certificate_changed(agent, trust)

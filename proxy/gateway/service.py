@@ -40,6 +40,7 @@ __all__ = ["GATEWAY", "Gateway"]
 log = logging.getLogger("cube.proxy.gateway")
 
 _HEALTH_TIMEOUT = 3.0
+_HEALTH_BODY_LIMIT = 64 * 1024
 
 
 class Gateway:
@@ -243,7 +244,7 @@ class Gateway:
                 response = await self.upstream.request(
                     agent.base_url, trust.cert_sha256, method="GET", target="/health"
                 )
-                await response.read()
+                await response.read(_HEALTH_BODY_LIMIT)
                 healthy = response.status == 200
         except CertificateMismatch:
             self.gate.certificate_changed(agent, trust)

@@ -54,6 +54,9 @@ class GatewaySettings:
     audit_queue_size: int = 100_000
     #: Largest evidence document accepted from an agent.
     max_evidence_bytes: int = 4 * 1024 * 1024
+    #: Largest non-streamed answer read from an agent (held whole to meter and relay it; a
+    #: larger one is a 502). Streams pass through under flow control, whatever their length.
+    max_answer_bytes: int = 256 * 1024 * 1024
     #: Log one JSON line per request.
     access_log: bool = True
     #: The rate-limit file the workers of ``cube-proxy --workers N`` share (set by the
@@ -67,6 +70,8 @@ class GatewaySettings:
     def validate(self) -> GatewaySettings:
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes is too small")
+        if self.max_answer_bytes < 1024:
+            raise ValueError("max_answer_bytes is too small")
         for name in (
             "agent_connect_timeout",
             "attestation_timeout",

@@ -482,17 +482,28 @@ class UpstreamResponse:
         """The body was read to its end."""
         return self._done
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int) -> bytes:
+        """The whole body; :class:`UpstreamError` (the connection closed) past ``limit`` bytes."""
         conn = self._conn
-        if self._framing == "length" and not self._released and len(conn._buf) >= self._remaining:
-            # The usual small answer arrived with its head: skip the generator machinery.
-            data = conn._take_buffered(self._remaining)
-            self._remaining = 0
-            self._done = True
-            self.release()
-            return data
-        parts = [chunk async for chunk in self.chunks()]
+        if self._framing == "length":
+            if self._remaining > limit:
+                self.close()
+                raise UpstreamError(f"the agent's answer is larger than {limit} bytes")
+            if not self._released and len(conn._buf) >= self._remaining:
+                # The usual small answer arrived with its head: skip the generator machinery.
+                data = conn._take_buffered(self._remaining)
+                self._remaining = 0
+                self._done = True
+                self.release()
+                return data
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamError(f"the agent's answer is larger than {limit} bytes")
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -531,6 +542,13 @@ class UpstreamResponse:
                             if trailer in (b"\r\n", b"\n"):
                                 break
                         break
+                    while size > _READ_LIMIT:
+                        # A huge chunk passes in slices, under flow control, not whole.
+                        data = await conn.read(_READ_LIMIT)
+                        if not data:
+                            raise UpstreamError("the agent closed the connection mid-body")
+                        size -= len(data)
+                        yield data
                     data = await conn.readexactly(size)
                     if await conn.readexactly(2) != b"\r\n":
                         raise UpstreamError("the agent sent a malformed chunk")
@@ -657,14 +675,18 @@ class UpstreamPool:
         host = origin.host or ""
         port = origin.port or 443
         key = (host, port, pin)
-        conn = None if fresh else self._take(key)
-        if conn is None:
-            conn = await self._connect(host, port, pin)
         head = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}"]
         head += [f"{name}: {value}" for name, value in headers]
         if body is not None:
             head.append(f"Content-Length: {len(body)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        try:
+            data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            # Before any connection is taken, and without the head (it carries the token).
+            raise UpstreamError("a request header is not ISO-8859-1 text") from None
+        conn = None if fresh else self._take(key)
+        if conn is None:
+            conn = await self._connect(host, port, pin)
         try:
             if body and len(body) <= _RECV_SIZE:
                 conn.write(data + body)  # one TLS record for a small request

@@ -392,3 +392,98 @@ def test_the_access_log_line_of_the_fast_path(
     assert fields["backend_id"] == f"{dom.alias}-agent-1" and fields["ms"] >= 0
     text = json.dumps(fields) + record.getMessage()
     assert dom.pat not in text and prompt not in text and "x=1" not in text
+
+
+def test_a_large_body_is_not_read_before_the_credential_is_checked(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    """The fast path reads a body before checking the credential, so it takes only small
+    ones: an anonymous head announcing 60 MiB is refused at once (aiohttp's handler checks
+    the credential first), not buffered while the body trickles in."""
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    wire.send(
+        (
+            f"POST /{dom.alias}/v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {60 * 1024 * 1024}\r\n\r\n"
+        ).encode()
+        + b"x" * 65536
+    )
+    line, _, body = wire.response()
+    assert line.split(" ")[1] == "401", body
+
+
+def test_a_request_that_never_completes_is_closed(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    wire_for,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body that stops arriving ties up a connection only until the request deadline (as a
+    head that never completes does)."""
+    import proxy.gateway.edge as edge
+
+    monkeypatch.setattr(edge, "HEAD_TIMEOUT_SECONDS", 1.0)
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    head = _request(f"/{dom.alias}/v1/chat/completions", dom.pat)
+    wire.send(head[: len(head) - len(CHAT)] + CHAT[:10])  # the body never completes
+    started = time.monotonic()
+    assert wire.closed_by_server()
+    assert time.monotonic() - started < 9  # the sweeper runs every 5 s
+
+
+@pytest.mark.parametrize("path", ["fast", "aiohttp"])
+def test_unusual_bodies_and_headers_are_forwarded_or_refused_never_a_500(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    wire_for,  # type: ignore[no-untyped-def]
+    fake_openai: FakeOpenAI,
+    path: str,
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    wire = wire_for(server)
+    # The aiohttp path: HTTP/1.0 with keep-alive (the fast path takes only HTTP/1.1).
+    version = "HTTP/1.1" if path == "fast" else "HTTP/1.0"
+    keep = "" if path == "fast" else "Connection: keep-alive\r\n"
+    target = f"/{dom.alias}/v1/chat/completions"
+    # JSON nested past Python's recursion limit: no model to read, so the agent judges it.
+    deep = b'{"model":"cube-tiny","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    wire.send(_request(target, dom.pat, deep, version=version, extra=keep))
+    line, _, _ = wire.response()
+    assert line.split(" ")[1] != "500", line
+    # A header value that is not ASCII reaches the agent as the bytes the client sent.
+    note = "caf\u00e9 \u20ac".encode()
+    wire.send(
+        _request(target, dom.pat, version=version, extra=keep).replace(
+            b"Host: proxy\r\n", b"Host: proxy\r\nX-Note: " + note + b"\r\n"
+        )
+    )
+    line, _, body = wire.response()
+    assert line.split(" ")[1] == "200", (line, body)
+    seen = fake_openai.requests_to("/v1/chat/completions")[-1]
+    assert seen.headers["X-Note"].encode("utf-8", "surrogateescape") == note
+    # Nothing leaked: every connection to the agent went back to the pool.
+    assert server.gateway.upstream.opened == 1
+
+
+def test_an_oversized_or_tabbed_head_goes_to_aiohttp_even_pipelined(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    target = f"/{dom.alias}/v1/chat/completions"
+    first = _request(target, dom.pat)
+    huge = _request(target, dom.pat, extra=f"Cookie: {'c' * 600_000}\r\n")  # aiohttp: 400
+    wire.send(first + huge)  # the huge head is complete in the buffer when it is parsed
+    assert wire.response()[0] == "HTTP/1.1 200 OK"
+    line, _, _ = wire.response()
+    assert line.split(" ")[1] in ("400", "431"), line
+    tabbed = wire_for(proxy())
+    tabbed.send(_request(f"/{dom.alias}/v1/chat/completions\tx", dom.pat))
+    line, headers, _ = tabbed.response()
+    assert line.split(" ")[1] == "400", line
+    assert "x-cube-agent" not in headers  # refused here, not forwarded for the agent to refuse

@@ -24,6 +24,7 @@ from proxy.gateway.upstream import (
 
 IDENTITY = AgentIdentity.generate()
 PIN = IDENTITY.cert_sha256
+_LIMIT = 16 << 20
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -105,7 +106,7 @@ def test_keep_alive_reuse_and_framings() -> None:
                 headers=[("Authorization", "Bearer t")],
             )
             assert (response.status, response.headers["X-A"]) == (201, "1")
-            assert await response.read() == b"hello"
+            assert await response.read(_LIMIT) == b"hello"
             response.release()
         assert server.connections == 1 and pool.opened == 1
         first = server.received[0]
@@ -115,10 +116,10 @@ def test_keep_alive_reuse_and_framings() -> None:
         assert [c async for c in chunked.chunks()] == [b"data: ", b"abc"]
         chunked.release()
         closing = await pool.request(server.origin, PIN, method="GET", target="/close")
-        assert await closing.read() == b"until-eof"
+        assert await closing.read(_LIMIT) == b"until-eof"
         closing.release()
         again = await pool.request(server.origin, PIN, method="GET", target="/x")
-        assert await again.read() == b"hello"
+        assert await again.read(_LIMIT) == b"hello"
         again.release()
         assert server.connections == 2  # the closed one was not reused
         await pool.close()
@@ -168,12 +169,12 @@ def test_stale_and_failed_connections_are_told_apart() -> None:
         async with Server(script) as server:
             pool = UpstreamPool(connect_timeout=5, keepalive=30)
             first = await pool.request(server.origin, PIN, method="GET", target="/a")
-            assert await first.read() == b"ok"
+            assert await first.read(_LIMIT) == b"ok"
             first.release()
             with pytest.raises(StaleConnection):
                 await pool.request(server.origin, PIN, method="GET", target="/b")
             retry = await pool.request(server.origin, PIN, method="GET", target="/b", fresh=True)
-            assert await retry.read() == b"ok"
+            assert await retry.read(_LIMIT) == b"ok"
             retry.release()
             with pytest.raises(UpstreamError) as broken:
                 await pool.request(server.origin, PIN, method="GET", target="/c", fresh=True)
@@ -210,7 +211,7 @@ def test_malformed_answers_are_errors(answer: bytes) -> None:
             pool = UpstreamPool(connect_timeout=5, keepalive=30)
             with pytest.raises(UpstreamError):
                 response = await pool.request(server.origin, PIN, method="GET", target="/")
-                await response.read()
+                await response.read(_LIMIT)
             await pool.close()
 
     run(main())
@@ -288,7 +289,7 @@ def test_large_bodies_cross_intact_both_ways(loop: str) -> None:
             response = await pool.request(
                 server.origin, PIN, method="POST", target="/upload", body=request_body
             )
-            assert await response.read() == hashlib.sha256(request_body).hexdigest().encode()
+            assert await response.read(_LIMIT) == hashlib.sha256(request_body).hexdigest().encode()
             response.release()
             # A slow reader: the client stops reading while its buffer is full, then resumes.
             response = await pool.request(server.origin, PIN, method="GET", target="/big")
@@ -299,7 +300,7 @@ def test_large_bodies_cross_intact_both_ways(loop: str) -> None:
             assert b"".join(parts) == answer
             response.release()
             response = await pool.request(server.origin, PIN, method="GET", target="/chunked")
-            assert await response.read() == answer
+            assert await response.read(_LIMIT) == answer
             response.release()
             assert server.connections == 1 and pool.opened == 1
             await pool.close()
@@ -331,7 +332,7 @@ def test_an_idle_connection_the_agent_closed_is_not_reused(loop: str) -> None:
 
     async def get(pool: UpstreamPool, server: Server) -> None:
         response = await pool.request(server.origin, PIN, method="GET", target="/")
-        assert await response.read() == b"ok"
+        assert await response.read(_LIMIT) == b"ok"
         response.release()
 
     async def main() -> None:
@@ -401,7 +402,7 @@ def test_no_descriptor_leaks_across_many_connections(loop: str) -> None:
                 response = await pool.request(
                     server.origin, PIN, method="POST", target="/", body=b"x", fresh=True
                 )
-                assert await response.read() == b"ok"
+                assert await response.read(_LIMIT) == b"ok"
                 response.release()  # back to the pool: closed by pool.close()
                 streaming = await pool.request(server.origin, PIN, method="GET", target="/stream")
                 assert await streaming.chunks().__anext__() == b"hi"
@@ -410,7 +411,7 @@ def test_no_descriptor_leaks_across_many_connections(loop: str) -> None:
                     await pool.request(server.origin, bytes(32), method="GET", target="/")
                 if round_ % 10 == 0:
                     response = await pool.request(server.origin, PIN, method="GET", target="/")
-                    await response.read()
+                    await response.read(_LIMIT)
                     response.release()
                     pool.forget(server.origin)
                 await pool.close()
@@ -471,9 +472,48 @@ def test_an_early_answer_while_a_large_body_is_still_being_sent(loop: str) -> No
                 server.origin, PIN, method="POST", target="/", body=bytes(16 * 1024 * 1024)
             )
             assert response.status == 413
-            assert await response.read() == b"big"
+            assert await response.read(_LIMIT) == b"big"
             response.release()
             assert not pool._idle  # not kept: the agent asked to close
             await pool.close()
 
     run_on(loop, main())
+
+
+def test_an_answer_past_the_limit_is_refused_and_a_huge_chunk_streams_in_slices() -> None:
+    # An agent a tenant controls may answer anything: the proxy never holds more than the
+    # limit of a whole answer, nor a declared chunk of any size in one piece.
+    big = 3 * 256 * 1024 + 5
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            request = await read_request(reader)
+            if b"/length" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
+                writer.write(b"x" * big)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(b"%x\r\n" % big + b"y" * big + b"\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        pool = UpstreamPool(connect_timeout=5, keepalive=30)
+        for path in ("/length", "/chunks"):
+            response = await pool.request(server.origin, PIN, method="GET", target=path)
+            with pytest.raises(UpstreamError, match="larger than 1024 bytes"):
+                await response.read(1024)
+        response = await pool.request(server.origin, PIN, method="GET", target="/chunks")
+        pieces = [piece async for piece in response.chunks()]
+        assert b"".join(pieces) == b"y" * big
+        assert max(len(p) for p in pieces) <= 256 * 1024 and len(pieces) >= 4
+        response = await pool.request(server.origin, PIN, method="GET", target="/chunks")
+        assert await response.read(big) == b"y" * big  # exactly the limit is fine
+        await pool.close()
+
+    async def with_server() -> None:
+        nonlocal server
+        async with Server(script) as server:
+            await main()
+
+    server: Server
+    run(with_server())
