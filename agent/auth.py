@@ -53,6 +53,7 @@ from agent.config import AgentConfig
 from agent.metrics import METRICS
 from agent.ops import REQUEST_ID, json_error
 from agent.principal import PRINCIPAL, Principal
+from cube._http import BodyTooLarge, read_at_most
 from cube._tasks import cancel_and_wait
 
 __all__ = [
@@ -131,7 +132,7 @@ def parse_jwks(data: bytes) -> dict[str, VerificationKey]:
         raise JwksError("JWKS document is too large")
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise JwksError(f"JWKS is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError('JWKS must be an object with a "keys" list')
@@ -404,7 +405,10 @@ class JwksFetcher:
         ) as response:
             if response.status != 200:
                 raise JwksError(f"JWKS URL answered HTTP {response.status}")
-            data = await response.content.read(_MAX_JWKS + 1)
+            try:
+                data = await read_at_most(response, _MAX_JWKS)
+            except BodyTooLarge:
+                raise JwksError(f"JWKS is larger than {_MAX_JWKS} bytes") from None
         keys = parse_jwks(data)
         self.keys.replace(keys)
         self.fetches += 1

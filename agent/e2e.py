@@ -72,7 +72,7 @@ WINDOW_SECONDS: Final = 300
 #: Most requests remembered for replay detection; when full of live entries, new sealed
 #: requests are refused (503) rather than any entry forgotten early.
 MAX_SEEN: Final = 200_000
-_OPEN_OFF_LOOP: Final = 256 * 1024  # envelopes above this are opened in a worker thread
+_OFF_LOOP: Final = 256 * 1024  # bodies above this are opened or sealed in a worker thread
 
 
 class ReplayCache:
@@ -212,7 +212,7 @@ async def open_body(request: web.Request, body: bytes) -> bytes:
         raise EnvelopeError(
             "end-to-end encryption is not available on this agent", code="e2e_unavailable"
         )
-    if len(body) > _OPEN_OFF_LOOP:
+    if len(body) > _OFF_LOOP:
         sealer, plain = await asyncio.to_thread(_open, state, request, body)
     else:
         sealer, plain = _open(state, request, body)
@@ -230,7 +230,7 @@ def _counts(usage: tuple[object, object] | None) -> tuple[int | None, int | None
     )
 
 
-def seal_response(
+async def seal_response(
     request: web.Request,
     response: web.StreamResponse,
     usage: tuple[object, object] | None = None,
@@ -254,7 +254,10 @@ def seal_response(
     prompt, completion = _counts(usage)
     if prompt is not None or completion is not None:
         headers[USAGE_HEADER] = usage_header(prompt, completion)
-    sealed = sealer.whole(body, content_type)
+    if len(body) > _OFF_LOOP:
+        sealed = await asyncio.to_thread(sealer.whole, body, content_type, response.status)
+    else:
+        sealed = sealer.whole(body, content_type, response.status)
     out = web.Response(status=response.status, body=sealed, headers=headers)
     out.content_type = CONTENT_TYPE
     return out

@@ -216,7 +216,7 @@ def _backend_error_body(status: int, body: bytes, content_type: str) -> dict[str
     if "json" in content_type or body[:1] in (b"{", b"["):
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict):
             inner = data.get("error")
@@ -485,7 +485,9 @@ async def run_exchange(request: web.Request, endpoint: str, handler: Handler) ->
         response = error_response(500, "internal error while forwarding", "server_error")
     finally:
         watch.stop()
-    response = e2e.seal_response(request, response, exchange.counts)  # a sealed request's answer
+    response = await e2e.seal_response(
+        request, response, exchange.counts
+    )  # a sealed request's answer
     exchange.finish(exchange.status or response.status)
     return response
 
@@ -853,7 +855,7 @@ async def fetch_json(request: web.Request, exchange: Exchange, path: str) -> Any
         exchange.first_byte()
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BackendError(
                 502, "the backend answered something that is not JSON", "backend_invalid"
             ) from None
@@ -908,7 +910,7 @@ async def backend_ready(app: web.Application) -> tuple[bool, str]:
             data = json.loads(await resp.read())
     except (aiohttp.ClientError, OSError, TimeoutError):
         return False, "the backend is unreachable"
-    except ValueError:
+    except (ValueError, RecursionError):
         return False, "the backend's model list is not JSON"
     names: list[str] = []
     if isinstance(data, dict):

@@ -99,6 +99,11 @@ def _answer(
     except openai.APIStatusError as exc:
         _err(f"cube chat: the service answered {exc.status_code}: {exc.message}")
         sys.exit(1)
+    except AttestationError as exc:
+        # Raised while the stream is read (a sealed answer cut off or tampered with): the SDK
+        # passes it through unwrapped. What was printed is not the whole answer.
+        sys.stdout.write("\n")
+        _refused(exc)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(pieces)

@@ -52,7 +52,7 @@ def load_reference(path: Path) -> Policy:
         raise click.UsageError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         document = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if isinstance(document, dict) and "format" not in document:
         embedded = document.get("policy")

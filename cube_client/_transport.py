@@ -250,7 +250,7 @@ class _Core:
     def whole(response: httpcore2.Response, meta: e2e.RequestMeta, body: bytes) -> httpx2.Response:
         media = _media_type(response.headers)
         if media == e2e.CONTENT_TYPE:
-            plain, content_type = e2e.open_whole(meta, body)
+            plain, content_type = e2e.open_whole(meta, body, response.status)
             headers = [
                 (k, v)
                 for k, v in response.headers
@@ -367,6 +367,21 @@ class _PlainStream(httpx2.SyncByteStream):
             close()
 
 
+def _close_if_idle(pool: httpcore2.ConnectionPool) -> bool:
+    """Close ``pool`` unless a connection of it is still serving a request; whether closed."""
+    if any(not c.is_idle() and not c.is_closed() for c in pool.connections):
+        return False
+    pool.close()
+    return True
+
+
+async def _aclose_if_idle(pool: httpcore2.AsyncConnectionPool) -> bool:
+    if any(not c.is_idle() and not c.is_closed() for c in pool.connections):
+        return False
+    await pool.aclose()
+    return True
+
+
 class AttestedTransport(httpx2.BaseTransport):
     """An ``httpx2`` transport that verifies, pins and (optionally) seals; see the module."""
 
@@ -388,6 +403,8 @@ class AttestedTransport(httpx2.BaseTransport):
         self._verify_timeout = verify_timeout
         self._lock = threading.Lock()
         self._pool = self._new_pool()
+        #: Pools of earlier certificates still carrying a request (closed once idle).
+        self._retired: list[httpcore2.ConnectionPool] = []
 
     @property
     def attested(self) -> AttestedEndpoint | None:
@@ -406,6 +423,8 @@ class AttestedTransport(httpx2.BaseTransport):
         ``force``."""
         core = self._core
         with self._lock:
+            if self._retired:
+                self._retired = [p for p in self._retired if not _close_if_idle(p)]
             current = None if force else core.fresh()
             if current is not None:
                 return current
@@ -419,8 +438,11 @@ class AttestedTransport(httpx2.BaseTransport):
                 api_key=api_key if api_key is not None else core.api_key,
             )
             if core.adopt(attested):
+                # New connections go to the new certificate. The old pool's idle connections
+                # close now; one another thread still reads a stream from finishes first.
                 old, self._pool = self._pool, self._new_pool()
-                old.close()  # connections to the old certificate
+                if not _close_if_idle(old):
+                    self._retired.append(old)
             return attested
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -457,7 +479,9 @@ class AttestedTransport(httpx2.BaseTransport):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
-        self._pool.close()
+        for pool in (*self._retired, self._pool):
+            pool.close()
+        self._retired.clear()
 
 
 # -- asynchronous ---------------------------------------------------------------------------------
@@ -524,6 +548,8 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
         self._verify_timeout = verify_timeout
         self._lock: asyncio.Lock | None = None
         self._pool = self._new_pool()
+        #: Pools of earlier certificates still carrying a request (closed once idle).
+        self._retired: list[httpcore2.AsyncConnectionPool] = []
 
     @property
     def attested(self) -> AttestedEndpoint | None:
@@ -541,6 +567,8 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            if self._retired:
+                self._retired = [p for p in self._retired if not await _aclose_if_idle(p)]
             current = None if force else core.fresh()
             if current is not None:
                 return current
@@ -554,8 +582,9 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
                 api_key=api_key if api_key is not None else core.api_key,
             )
             if core.adopt(attested):
-                old, self._pool = self._pool, self._new_pool()
-                await old.aclose()
+                old, self._pool = self._pool, self._new_pool()  # as in AttestedTransport
+                if not await _aclose_if_idle(old):
+                    self._retired.append(old)
             return attested
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -592,7 +621,9 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        for pool in (*self._retired, self._pool):
+            await pool.aclose()
+        self._retired.clear()
 
 
 # -- clients --------------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ async def _afetch(
 def _error_message(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return ""
     if isinstance(data, dict):
         error = data.get("error")

@@ -136,7 +136,7 @@ def _unframe(data: bytes, what: str) -> tuple[dict[str, object], bytes]:
         raise EnvelopeError(f"{what}: bad metadata length", code="e2e_malformed")
     try:
         meta = json.loads(data[4 : 4 + size])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         raise EnvelopeError(f"{what}: metadata is not JSON", code="e2e_malformed") from None
     if not isinstance(meta, dict):
         raise EnvelopeError(f"{what}: metadata is not an object", code="e2e_malformed")
@@ -326,13 +326,10 @@ class ResponseSealer:
             self.ended = True
         return record
 
-    def whole(self, body: bytes, content_type: str) -> bytes:
-        """A sealed non-streaming response body."""
-        return (
-            MAGIC
-            + bytes([_RESPONSE])
-            + self.seal(WHOLE, _frame({"content_type": content_type}, body))
-        )
+    def whole(self, body: bytes, content_type: str, status: int) -> bytes:
+        """A sealed non-streaming response body; its HTTP status is sealed with it."""
+        framed = _frame({"content_type": content_type, "status": status}, body)
+        return MAGIC + bytes([_RESPONSE]) + self.seal(WHOLE, framed)
 
     def event(self, record: bytes, framing: Framing) -> bytes:
         """One streamed record (an SSE event or NDJSON line, verbatim), framed for the wire."""
@@ -375,8 +372,10 @@ class ResponseOpener:
             self.ended = True
         return kind, plaintext
 
-    def whole(self, body: bytes) -> tuple[bytes, str]:
-        """Open a sealed non-streaming body: ``(body, content_type)``."""
+    def whole(self, body: bytes, status: int | None = None) -> tuple[bytes, str]:
+        """Open a sealed non-streaming body: ``(body, content_type)``. ``status``, the HTTP
+        status it came with, must be the sealed one (a relay cannot turn an answer into an
+        error, or an error into an answer)."""
         header = MAGIC + bytes([_RESPONSE])
         if not body.startswith(header):
             raise EnvelopeError("the body is not a cube-e2e/1 response", code="e2e_malformed")
@@ -385,17 +384,28 @@ class ResponseOpener:
             raise EnvelopeError("expected a whole sealed response", code="e2e_malformed")
         meta, inner = _unframe(plaintext, "response")
         content_type = meta.get("content_type")
-        if not isinstance(content_type, str) or set(meta) != {"content_type"}:
+        sealed_status = meta.get("status")
+        if (
+            not isinstance(content_type, str)
+            or type(sealed_status) is not int
+            or set(meta) != {"content_type", "status"}
+        ):
             raise EnvelopeError("response metadata: bad fields", code="e2e_malformed")
+        if status is not None and status != sealed_status:
+            raise EnvelopeError(
+                f"the answer came with HTTP status {status}, but the agent sealed "
+                f"{sealed_status}: changed on the way",
+                code="e2e_status_mismatch",
+            )
         return inner, content_type
 
 
-def seal_whole(meta: RequestMeta, body: bytes, content_type: str) -> bytes:
-    return ResponseSealer(meta).whole(body, content_type)
+def seal_whole(meta: RequestMeta, body: bytes, content_type: str, status: int = 200) -> bytes:
+    return ResponseSealer(meta).whole(body, content_type, status)
 
 
-def open_whole(meta: RequestMeta, body: bytes) -> tuple[bytes, str]:
-    return ResponseOpener(meta).whole(body)
+def open_whole(meta: RequestMeta, body: bytes, status: int | None = None) -> tuple[bytes, str]:
+    return ResponseOpener(meta).whole(body, status)
 
 
 # -- stream framing -------------------------------------------------------------------------------
@@ -560,7 +570,7 @@ class StreamDecoder:
             return b""
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise EnvelopeError("a sealed stream line is not JSON", code="e2e_malformed") from None
         if isinstance(obj, dict) and set(obj) == {USAGE_EVENT}:
             self._note_usage(json.dumps(obj[USAGE_EVENT]).encode())
@@ -588,7 +598,7 @@ class StreamDecoder:
     def _note_usage(self, payload: bytes) -> None:
         try:
             usage = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(usage, dict):
             self.usage = {k: v for k, v in usage.items() if isinstance(k, str) and type(v) is int}

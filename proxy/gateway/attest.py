@@ -40,6 +40,7 @@ import aiohttp
 from attestation.errors import AttestationError
 from attestation.evidence import VerifiedEvidence, certificate_window, verify_evidence
 from attestation.policy import Policy
+from cube._http import BodyTooLarge, read_at_most
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.metrics import GatewayMetrics
 from proxy.gateway.settings import GatewaySettings
@@ -279,30 +280,20 @@ class AttestationGate:
                         code="evidence_unavailable",
                         attestation=True,
                     )
-                if (response.content_length or 0) > limit:
+                try:
+                    body = await read_at_most(response, limit)
+                except BodyTooLarge:
                     raise AgentFailure(
                         f"agent {agent.id} sent an oversized evidence document",
                         code="evidence_unavailable",
                         attestation=True,
-                    )
-                body = await response.content.read(limit + 1)
-                while not response.content.at_eof() and len(body) <= limit:
-                    more = await response.content.read(limit + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
+                    ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AgentFailure(
                 f"agent {agent.id} is unreachable ({type(exc).__name__})",
                 code="agent_unreachable",
                 attestation=False,
             ) from None
-        if len(body) > limit:
-            raise AgentFailure(
-                f"agent {agent.id} sent an oversized evidence document",
-                code="evidence_unavailable",
-                attestation=True,
-            )
         der = capture.der
         if der is None:
             raise AgentFailure(

@@ -155,7 +155,7 @@ class UsageScanner:
             elif self._in_usage_event and line.startswith(b"data:"):
                 try:
                     value = json.loads(line[5:])
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 self._take(value)
 

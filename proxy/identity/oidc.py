@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from cube._http import BodyTooLarge, read_at_most
 from proxy.identity.config import OidcConfig
 from proxy.identity.errors import Unauthorized
 from proxy.identity.models import normal_email
@@ -37,6 +38,7 @@ _KTY_ALGS = {
     "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
 }
 LEEWAY_SECONDS = 30
+_MAX_JWKS = 1024 * 1024
 _MIN_REFETCH_SECONDS = 10.0
 
 
@@ -54,7 +56,7 @@ def parse_jwks(data: bytes) -> dict[str, _Key]:
     """kid -> key. Symmetric or private keys, unknown types, missing kids are refused."""
     try:
         doc = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise JwksError("the OIDC JWKS is not JSON") from exc
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
@@ -117,7 +119,10 @@ class OidcVerifier:
             assert self._session is not None and self.config.jwks_url is not None
             async with self._session.get(self.config.jwks_url, allow_redirects=False) as response:
                 response.raise_for_status()
-                data = await response.read()
+                try:
+                    data = await read_at_most(response, _MAX_JWKS)
+                except BodyTooLarge:
+                    raise ValueError(f"the OIDC JWKS is larger than {_MAX_JWKS} bytes") from None
         self._keys = parse_jwks(data)
 
     async def refresh(self) -> None:

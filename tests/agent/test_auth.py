@@ -393,6 +393,58 @@ def test_jwks_url_is_fetched_over_https_and_refreshed_for_a_new_kid() -> None:
     asyncio.run(main())
 
 
+def test_a_jwks_arriving_in_pieces_is_read_whole_and_an_oversized_one_refused() -> None:
+    """An issuer that writes its JWKS in several pieces (chunked, or just slow) is read whole:
+    one ``content.read(n)`` returns only what has arrived."""
+    import ssl
+
+    import aiohttp
+
+    issuer = TokenIssuer()
+    doc = json.dumps(issuer.jwks()).encode()
+    server_identity = AgentIdentity.generate()
+
+    async def in_pieces(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for start in range(0, len(doc), 200):
+            await response.write(doc[start : start + 200])
+            await asyncio.sleep(0.02)
+        await response.write_eof()
+        return response
+
+    async def oversized(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"keys": [' + b" " * (2 * 1024 * 1024))
+        return response
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/jwks.json", in_pieces)
+        app.router.add_get("/big.json", oversized)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_identity.ssl_context())
+        await site.start()
+        port = runner.addresses[0][1]
+        client_ctx = ssl.create_default_context(cadata=server_identity.cert_pem.decode())
+        try:
+            async with aiohttp.ClientSession() as session:
+                keys = KeySet()
+                url = f"https://127.0.0.1:{port}/jwks.json"
+                await JwksFetcher(url, keys, ssl_context=client_ctx).fetch_once(session)
+                v = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, keys=keys)
+                assert v.verify(issuer.token()).subject == "user-1"
+                big = f"https://127.0.0.1:{port}/big.json"
+                with pytest.raises(JwksError, match="larger than"):
+                    await JwksFetcher(big, KeySet(), ssl_context=client_ctx).fetch_once(session)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
 def test_jwks_url_must_be_https() -> None:
     with pytest.raises(JwksError):
         JwksFetcher("http://issuer.test/jwks", KeySet())

@@ -431,6 +431,8 @@ def test_backend_that_never_accepts_is_503_after_the_connect_timeout(
             "the backend answered HTTP 500",
         ),
         (503, b"Service Unavailable", "text/plain", "the backend answered HTTP 503"),
+        # JSON nested past Python's recursion limit: unreadable, so the generic message.
+        (400, b"[" * 5000, "application/json", "the backend answered HTTP 400"),
     ],
 )
 def test_backend_http_errors_are_clean_json_with_the_backend_status(

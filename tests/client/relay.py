@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +33,8 @@ class RecordingRelay:
         self.upstream_ssl = upstream_ssl
         self.to_upstream = bytearray()
         self.to_client = bytearray()
+        #: Applied to what goes to the client (an active man in the middle); None: untouched.
+        self.rewrite_to_client: Callable[[bytes], bytes] | None = None
         self.connections = 0
         self.port = 0
         self._lock = threading.Lock()
@@ -112,7 +114,7 @@ class RecordingRelay:
         try:
             await asyncio.gather(
                 self._pipe(reader, up_writer, self.to_upstream),
-                self._pipe(up_reader, writer, self.to_client),
+                self._pipe(up_reader, writer, self.to_client, rewrite=True),
                 return_exceptions=True,
             )
         except (asyncio.CancelledError, ConnectionError, ssl.SSLError):
@@ -124,7 +126,12 @@ class RecordingRelay:
             self._tasks.discard(task)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bytearray
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: bytearray,
+        *,
+        rewrite: bool = False,
     ) -> None:
         try:
             while True:
@@ -133,6 +140,8 @@ class RecordingRelay:
                     break
                 with self._lock:
                     record.extend(data)
+                if rewrite and self.rewrite_to_client is not None:
+                    data = self.rewrite_to_client(data)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, OSError):

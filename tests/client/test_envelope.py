@@ -159,6 +159,29 @@ def test_whole_response_refusals(key: Key) -> None:
         e2e.open_whole(meta, b"cube-e2e/1\x02" + record)
 
 
+@pytest.mark.parametrize(("sealed_status", "wire_status"), [(200, 400), (400, 200), (200, 503)])
+def test_the_status_of_a_whole_answer_is_sealed_with_it(
+    key: Key, sealed_status: int, wire_status: int
+) -> None:
+    """A relay that turns an answer into an error (the SDK would retry: the agent infers
+    again) or an error into an answer (the SDK would parse it as one) is caught."""
+    _, meta = seal(key)
+    sealed = e2e.seal_whole(meta, b"{}", "application/json", sealed_status)
+    assert e2e.open_whole(meta, sealed, sealed_status) == (b"{}", "application/json")
+    with pytest.raises(EnvelopeError) as info:
+        e2e.open_whole(meta, sealed, wire_status)
+    assert info.value.code == "e2e_status_mismatch"
+
+
+def test_whole_answer_metadata_must_carry_the_status(key: Key) -> None:
+    _, meta = seal(key)
+    framed = e2e._frame({"content_type": "application/json"}, b"{}")  # no status
+    sealed = b"cube-e2e/1\x02" + e2e.ResponseSealer(meta).seal(e2e.WHOLE, framed)
+    with pytest.raises(EnvelopeError) as info:
+        e2e.open_whole(meta, sealed, 200)
+    assert info.value.code == "e2e_malformed"
+
+
 EVENTS = [
     b'data: {"choices":[{"delta":{"content":"RESP"}}]}\n\n',
     b'data: {"choices":[{"delta":{"content":"ONSE-SECRET"}}]}\n\n',
@@ -233,6 +256,31 @@ def test_a_plaintext_event_in_a_sealed_stream_is_refused(key: Key) -> None:
     with pytest.raises(EnvelopeError) as info:
         decoder.feed(records[0] + b'data: {"choices":[{"delta":{"content":"forged"}}]}\n\n')
     assert info.value.code == "e2e_plaintext"
+
+
+def test_deeply_nested_json_anywhere_is_an_envelope_error(key: Key) -> None:
+    """JSON nested past Python's recursion limit — in a request's metadata (anyone holding the
+    public key can seal one), or injected into a stream by whoever relays it — is refused
+    like any other malformed input, never a bare RecursionError."""
+    import struct
+
+    meta_bytes = b"[" * 5000
+    plaintext = struct.pack(">I", len(meta_bytes)) + meta_bytes + b"{}"
+    sealed = e2e.HPKE_SUITE.encrypt(
+        plaintext,
+        x25519.X25519PublicKey.from_public_bytes(key.public),
+        info=e2e._REQUEST_INFO + key.id,
+    )
+    with pytest.raises(EnvelopeError) as info:
+        key.open(e2e.MAGIC + b"\x01" + key.id + sealed)
+    assert info.value.code == "e2e_malformed"
+    _, meta = seal(key)
+    ndjson = e2e.StreamDecoder(meta, "ndjson")
+    with pytest.raises(EnvelopeError):
+        ndjson.feed(b"[" * 5000 + b"\n")
+    sse = e2e.StreamDecoder(meta, "sse")  # an unreadable usage event is the proxy's loss only
+    assert sse.feed(b"event: cube-usage\ndata: " + b"[" * 5000 + b"\n\n") == b""
+    assert sse.usage == {}
 
 
 def test_nothing_after_the_end_marker(key: Key) -> None:

@@ -99,6 +99,24 @@ def test_sealed_chat_through_the_proxy_leaks_nothing(
     assert requests_seen(relay)[0].startswith(b"GET /acme/attestation?nonce=")
 
 
+def test_a_sealed_answers_status_changed_on_the_way_is_refused(
+    deployed: tuple[ProxyServer, Domain, RecordingRelay],
+) -> None:
+    """Whoever relays a sealed answer cannot turn it into an error (the SDK would retry, and
+    the agent infer again) or an error into an answer: the status is sealed with the body."""
+    _, domain, relay = deployed
+    client = client_for(relay, domain, sim_policy())
+    assert client.chat.completions.create(model="cube-tiny", messages=MESSAGES).choices
+    relay.rewrite_to_client = lambda data: data.replace(
+        b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 503 Service Unavailable\r\n"
+    )
+    with pytest.raises(Exception) as info:  # which one: checked below
+        client.chat.completions.create(model="cube-tiny", messages=MESSAGES)
+    error = attestation_error(info.value)
+    assert getattr(error, "code", None) == "e2e_status_mismatch"
+    assert "status 503" in error.message and "sealed 200" in error.message
+
+
 def test_the_relay_sees_plaintext_without_encryption_direct_control(
     deployed: tuple[ProxyServer, Domain, RecordingRelay],
 ) -> None:

@@ -408,3 +408,37 @@ def test_the_sdk_follows_an_agent_rotating_its_keys(
     assert again is not None and again is not first
     assert again.hpke_public_key == agent.server.rotation.current.hpke_public_key
     assert len(fake_openai.requests_to("/v1/chat/completions")) == 3
+
+
+def test_a_stream_in_flight_survives_another_requests_reverification(
+    agent: InProcessAgent, issuer: TokenIssuer, fake_openai: FakeOpenAI
+) -> None:
+    """One thread streams while another meets the agent's new certificate (a key rotation)
+    and verifies again: the new certificate gets a new pool, and the stream on a connection
+    of the old one reads on to its end (closing the old pool whole would have frozen it)."""
+    import threading
+
+    from tests.agent.backends import Gate
+
+    client = sdk(agent.url, issuer, sim_policy(), timeout=20)
+    gate = fake_openai.gate = Gate()
+    result: dict[str, Any] = {}
+
+    def run_stream() -> None:
+        try:
+            result["text"] = stream(client)
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    streaming = threading.Thread(target=run_stream)
+    streaming.start()
+    assert fake_openai.stream_started.wait(20)  # held by the backend after its first event
+    fake_openai.gate = None
+    asyncio.run_coroutine_threadsafe(agent.server.rotation.rotate(), agent.loop).result(30)
+    first = client._client.attested  # type: ignore[attr-defined]
+    assert [m.id for m in client.models.list().data]  # a new connection: verified again
+    assert client._client.attested is not first  # type: ignore[attr-defined]
+    gate.open()
+    streaming.join(15)
+    assert not streaming.is_alive(), "the stream froze"
+    assert result == {"text": RESPONSE}
