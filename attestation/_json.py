@@ -175,3 +175,13 @@ class ObjectReader:
         unknown = sorted(set(self._obj) - self._seen)
         if unknown:
             raise self.error(f"{self.what}: unknown key(s) {', '.join(map(repr, unknown))}")
+
+
+def refuse_nulls(obj: object, what: str, error: type[AttestationError]) -> None:
+    """Refuse JSON null among ``obj``'s values. :class:`ObjectReader` reads null as "absent";
+    in a policy null is a mistake, and read as absent it would switch a check off
+    (``"mr_td": null`` = any MRTD)."""
+    if isinstance(obj, Mapping):
+        nulls = sorted(str(k) for k, v in obj.items() if v is None)
+        if nulls:
+            raise error(f"{what}: null is not a valid value for {', '.join(nulls)}")

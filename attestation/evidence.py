@@ -163,10 +163,11 @@ class Claims:
         issued = r.string("issued_at", required=True)
         try:
             issued_at = datetime.fromisoformat(str(issued).replace("Z", "+00:00"))
-        except ValueError as exc:
+            if issued_at.tzinfo is None:
+                raise MalformedError("claims.issued_at: needs a time zone")
+            issued_at = issued_at.astimezone(UTC)  # (year 1 at +01:00 is before year 1 UTC)
+        except (ValueError, OverflowError) as exc:
             raise MalformedError("claims.issued_at: not an ISO 8601 time") from exc
-        if issued_at.tzinfo is None:
-            raise MalformedError("claims.issued_at: needs a time zone")
         claims = cls(
             raw=raw,
             tls_cert_sha256=r.hex("tls_cert_sha256", 32, required=True) or b"",
@@ -175,7 +176,7 @@ class Claims:
             model_digest=str(model_digest),
             config_digest=str(_sha256_digest(r, "config_digest", required=True)),
             agent_version=str(r.string("agent_version", required=True)),
-            issued_at=issued_at.astimezone(UTC),
+            issued_at=issued_at,
             tpm_ak_sha256=r.hex("tpm_ak_sha256", 32),
         )
         r.finish()
@@ -330,9 +331,8 @@ def check_platform_allowed(platform: str, policy: Policy, *, checks: Checks) -> 
             expected="a real TEE platform",
             actual=platform,
         )
-        return
     checks.require(
-        platform in policy.platforms,
+        policy.lists_platform(platform),
         "policy.platform",
         PolicyError,
         f"platform {platform!r} is not accepted by the policy",

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from attestation._json import ObjectReader, loads_object
+from attestation._json import ObjectReader, loads_object, refuse_nulls
 from attestation.errors import InvalidPolicyError
 from attestation.snp import SnpPolicy
 from attestation.tdx import TdxPolicy
@@ -83,11 +83,7 @@ class Policy:
     @classmethod
     def from_json(cls, obj: object) -> Policy:
         r = ObjectReader(obj, what="policy", error=InvalidPolicyError)
-        # The reader takes JSON null for "absent"; in a policy null is a mistake, and read as
-        # absent it would switch a check off (model_digests: null = digests not checked).
-        nulls = sorted(str(k) for k, v in obj.items() if v is None) if isinstance(obj, dict) else []
-        if nulls:
-            raise InvalidPolicyError(f"policy: null is not a valid value for {', '.join(nulls)}")
+        refuse_nulls(obj, "policy", InvalidPolicyError)
         fmt = r.string("format", required=True)
         if fmt != POLICY_FORMAT:
             raise InvalidPolicyError(f"policy.format: expected {POLICY_FORMAT!r}, got {fmt!r}")
@@ -150,10 +146,15 @@ class Policy:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
+    def lists_platform(self, platform: str) -> bool:
+        """Whether ``platforms`` names ``platform`` (a simulated one: itself or what it
+        simulates; whether simulated evidence is allowed at all is ``allow_simulated``)."""
+        return platform in self.platforms or platform.removeprefix("sim-") in self.platforms
+
     def accepts_platform(self, platform: str) -> bool:
-        if platform in SIMULATED_PLATFORMS:
-            return self.allow_simulated
-        return platform in self.platforms
+        if platform in SIMULATED_PLATFORMS and not self.allow_simulated:
+            return False
+        return self.lists_platform(platform)
 
     def with_simulated(self, allowed: bool = True) -> Policy:
         return replace(self, allow_simulated=allowed)

@@ -213,6 +213,10 @@ def test_unknown_keys_everywhere(path: str) -> None:
         ("allow_simulated", None),
         ("tdx", None),
         ("sev_snp.host_data", None),
+        ("tdx.mr_td", None),
+        ("tdx.rtmr1", None),
+        ("tdx.accepted_tcb_statuses", None),
+        ("vtpm.pcrs", None),
     ],
 )
 def test_invalid_values(path: str, value: object) -> None:

@@ -7,12 +7,11 @@ given; an empty list is rejected as a policy error because it could never match.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Self
 
 from attestation._checks import Checks
-from attestation._json import ObjectReader
+from attestation._json import ObjectReader, refuse_nulls
 from attestation.errors import InvalidPolicyError, PolicyError, TcbStatusError
 from attestation.snp.report import PRODUCTS
 from attestation.snp.verify import VerifiedSnpReport
@@ -25,14 +24,6 @@ _U32_MAX: Final = 0xFFFF_FFFF
 
 def _int_in_range(reader: ObjectReader, key: str, maximum: int) -> int | None:
     return reader.integer(key, maximum=maximum)
-
-
-def _no_nulls(obj: object, what: str) -> None:
-    # ObjectReader reads JSON null as "absent"; in a policy, null is a mistake, not a default.
-    if isinstance(obj, Mapping):
-        nulls = sorted(str(k) for k, v in obj.items() if v is None)
-        if nulls:
-            raise InvalidPolicyError(f"{what}: null is not a valid value for {', '.join(nulls)}")
 
 
 def _hex_list(reader: ObjectReader, key: str, length: int) -> tuple[bytes, ...] | None:
@@ -54,7 +45,7 @@ class SnpMinTcb:
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
-        _no_nulls(obj, "policy.sev_snp.min_tcb")
+        refuse_nulls(obj, "policy.sev_snp.min_tcb", InvalidPolicyError)
         reader = ObjectReader(obj, what="policy.sev_snp.min_tcb", error=InvalidPolicyError)
         values = {name: _int_in_range(reader, name, 0xFF) for name in _TCB_COMPONENTS}
         reader.finish()
@@ -91,7 +82,7 @@ class SnpPolicy:
     @classmethod
     def from_json(cls, obj: object) -> Self:
         """Read the ``sev_snp`` section (strict: unknown keys and bad values are refused)."""
-        _no_nulls(obj, "policy.sev_snp")
+        refuse_nulls(obj, "policy.sev_snp", InvalidPolicyError)
         reader = ObjectReader(obj, what="policy.sev_snp", error=InvalidPolicyError)
         min_tcb_obj = reader.raw("min_tcb")
         vmpls_obj = reader.raw("vmpls")

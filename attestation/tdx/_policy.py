@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Self
 
 from attestation._checks import Checks
-from attestation._json import ObjectReader
+from attestation._json import ObjectReader, refuse_nulls
 from attestation.errors import InvalidPolicyError, PolicyError, TcbStatusError
 from attestation.tdx._tcb import ACCEPTABLE_TCB_STATUSES
 from attestation.tdx._verify import VerifiedTdxQuote
@@ -77,6 +77,7 @@ class TdxPolicy:
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
+        refuse_nulls(obj, "policy.tdx", InvalidPolicyError)
         r = ObjectReader(obj, what="policy.tdx", error=InvalidPolicyError)
         default = cls()
         statuses = r.strings("accepted_tcb_statuses")

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Self
 
 from attestation._checks import Checks
-from attestation._json import ObjectReader, decode_hex
+from attestation._json import ObjectReader, decode_hex, refuse_nulls
 from attestation.errors import InvalidPolicyError, MalformedError, PolicyError
 from attestation.tpm import _wire as w
 from attestation.tpm.parse import MAX_PCR_SELECT
@@ -44,6 +44,7 @@ class TpmPolicy:
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
+        refuse_nulls(obj, "policy.vtpm", InvalidPolicyError)
         r = ObjectReader(obj, what="policy.vtpm", error=InvalidPolicyError)
         raw_pcrs = r.raw("pcrs")
         require_event_log = r.boolean("require_event_log", False)

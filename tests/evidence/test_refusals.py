@@ -57,6 +57,21 @@ def test_baseline_accepts(platform: str) -> None:
     accept(DOCS[platform])
 
 
+@pytest.mark.parametrize(("platform", "other"), [("sim-sev-snp", "tdx"), ("sim-tdx", "sev-snp")])
+def test_simulated_evidence_of_a_platform_the_policy_does_not_list(
+    platform: str, other: str
+) -> None:
+    # allow_simulated allows simulation; it does not widen the platforms the policy names.
+    policy = Policy.from_json(
+        {"format": "cube-policy/1", "allow_simulated": True, "platforms": [other]}
+    )
+    refuse(DOCS[platform], PolicyError, policy=policy, check="policy.platform")
+    listed = Policy.from_json(
+        {"format": "cube-policy/1", "allow_simulated": True, "platforms": [platform]}
+    )
+    accept(DOCS[platform], policy=listed)
+
+
 # -- nonce and claims binding ------------------------------------------------------------------
 
 
@@ -129,6 +144,9 @@ def test_unknown_claim_key_is_malformed_even_when_bound() -> None:
         ({"model": {"name": "tiny", "digest": e.MODEL_DIGEST, "size": 1}}, "size"),
         ({"issued_at": "2030-01-01T12:00:00"}, "issued_at"),
         ({"issued_at": "soon"}, "issued_at"),
+        # Valid ISO 8601, but outside what a UTC datetime can hold once converted.
+        ({"issued_at": "0001-01-01T00:30:00+01:00"}, "issued_at"),
+        ({"issued_at": "9999-12-31T23:30:00-01:00"}, "issued_at"),
         ({"agent_version": 1}, "agent_version"),
         ({"tpm_ak_sha256": "zz"}, "tpm_ak_sha256"),
         ({"hpke_public_key": "not base64!"}, "hpke_public_key"),
