@@ -33,6 +33,14 @@ __all__ = ["admin"]
 _TIMEOUT = 30
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would repeat the bearer token to whatever host (or plain
+    http:// URL) a redirect names. The admin API never redirects."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 @dataclass
 class _Client:
     url: str
@@ -57,16 +65,27 @@ class _Client:
         if not target.startswith(("https://", "http://")):
             _fail("the URL must start with https:// or http://")
         request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
-        context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
         try:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT, context=context) as response:  # noqa: S310
+            context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
+        except (OSError, ssl.SSLError) as exc:
+            _fail(f"cannot use the CA file {self.cacert}: {exc}")
+        opener = urllib.request.build_opener(
+            _NoRedirects(), urllib.request.HTTPSHandler(context=context)
+        )
+        try:
+            with opener.open(request, timeout=_TIMEOUT) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                _fail(f"{target} redirects (HTTP {exc.code}); give the admin API's own URL")
             _fail(_error_message(exc.code, exc.read()))
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             _fail(f"cannot reach {self.url}: {reason}")
-        return json.loads(payload) if payload else None
+        try:
+            return json.loads(payload) if payload else None
+        except (ValueError, RecursionError):
+            _fail(f"{target} did not answer JSON: is this a cube-proxy admin URL?")
 
 
 def _error_message(status: int, payload: bytes) -> str:

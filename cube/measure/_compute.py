@@ -131,9 +131,9 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
     uki_data = _read(uki_path, "UKI")
     try:
         uki = load_uki(uki_data)
+        cmdline = uki.cmdline()
     except UkiError as exc:
         raise MeasureError(f"{uki_path}: {exc}") from exc
-    cmdline = uki.cmdline()
 
     # The agent configuration: its file must be the one the command line pins, and its
     # canonical digest is what the agent extends into PCR 15 and names in its evidence.
@@ -143,7 +143,7 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
     pinned_sha = _single(cmdline, "cube.config_sha256")
     if pinned_sha is None:
         raise MeasureError("the UKI command line has no cube.config_sha256=")
-    if not hmac.compare_digest(pinned_sha.lower(), config_file_sha):
+    if not hmac.compare_digest(pinned_sha, config_file_sha):  # lowercase, as start-agent wants
         raise MeasureError(
             f"{config_path} has SHA-256 {config_file_sha} but the UKI command line pins "
             f"cube.config_sha256={pinned_sha}: this configuration would be refused at boot"
@@ -167,7 +167,7 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
     if volume_path.exists():
         try:
             loaded = json.loads(_read(volume_path, "model volume description"))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # (not UTF-8 is a ValueError too)
             raise MeasureError(f"{volume_path}: not JSON: {exc}") from exc
         if not isinstance(loaded, dict):
             raise MeasureError(f"{volume_path}: expected an object")
@@ -178,7 +178,12 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
                 f"configuration pins {model_digest}"
             )
         root_hash = _single(cmdline, "cube.model_root_hash")
-        if root_hash is not None and root_hash != volume.get("root_hash"):
+        if root_hash is None:
+            raise MeasureError(
+                f"{volume_path} describes a model volume but the UKI command line pins no "
+                "cube.model_root_hash=: the VM could not open it"
+            )
+        if root_hash != volume.get("root_hash"):
             raise MeasureError(
                 f"the UKI command line pins cube.model_root_hash={root_hash}, "
                 f"{volume_path} has {volume.get('root_hash')}"
@@ -236,10 +241,10 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
             "why": "no SNP-capable OVMF given (--ovmf, from scripts/build-ovmf)",
         }
     elif opts.sev_snp_measure is None:
-        snp = {
-            "computed": False,
-            "why": "sev-snp-measure not found (scripts/setup-sev-snp-measure)",
-        }
+        # Asked for (--ovmf) and impossible: an error, not a build without SNP values.
+        raise MeasureError(
+            "--ovmf given but sev-snp-measure not found (scripts/setup-sev-snp-measure)"
+        )
     else:
         try:
             snp_values = snp_measure(

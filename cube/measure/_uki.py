@@ -93,7 +93,10 @@ class Uki:
         raw = self.section_bytes(".cmdline")
         if raw is None:
             return ""
-        text = raw.split(b"\0", 1)[0].decode("utf-8", "strict")
+        try:
+            text = raw.split(b"\0", 1)[0].decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            raise UkiError("the .cmdline section is not UTF-8 text") from None
         text = "".join(" " if ord(c) < 0x20 else c for c in text)
         return text.strip(" ")
 

@@ -29,10 +29,26 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_all(files: dict[Path, str | None]) -> None:
+    """Write every file (None: remove it) or none: all are written beside their targets first,
+    then moved into place, so a failure never leaves measurements and policy disagreeing."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            if text is not None:
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(text)
+                staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        for path, text in files.items():
+            if text is None:
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        click.echo(f"cube measure: cannot write {exc.filename}: {exc.strerror}", err=True)
+        sys.exit(EXIT_UNMEASURABLE)
 
 
 @click.command("measure")
@@ -131,13 +147,15 @@ def measure(
         sys.exit(EXIT_UNMEASURABLE)
     policy_path = out or build_dir / "policy.json"
     measurements_path = measurements_out or build_dir / "measurements.json"
-    _write(measurements_path, result.dumps())
-    _write(policy_path, result.policy.dumps())
+    snp_path = policy_path.with_name(policy_path.stem + "-sev-snp.json")
+    # An SNP policy of an earlier build must not stay beside this build's policy.
+    snp_text = None if result.snp_policy is None else result.snp_policy.dumps()
+    _write_all(
+        {measurements_path: result.dumps(), policy_path: result.policy.dumps(), snp_path: snp_text}
+    )
     click.echo(f"measurements: {measurements_path}")
     click.echo(f"policy:       {policy_path}")
-    if result.snp_policy is not None:
-        snp_path = policy_path.with_name(policy_path.stem + "-sev-snp.json")
-        _write(snp_path, result.snp_policy.dumps())
+    if snp_text is not None:
         click.echo(f"SEV-SNP:      {snp_path}")
     for note in result.notes:
         click.echo(f"note: {note}", err=True)

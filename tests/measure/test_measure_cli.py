@@ -145,3 +145,64 @@ def test_snp_with_a_firmware_without_kernel_hashes_is_refused(tmp_path: Path) ->
     )
     assert result.exit_code == 3
     assert "OVMF" in result.output
+
+
+def test_an_earlier_builds_snp_policy_does_not_stay_beside_this_ones(tmp_path: Path) -> None:
+    build = make_build(tmp_path)
+    stale = build / "policy-sev-snp.json"
+    stale.write_text('{"format": "cube-policy/1", "description": "an earlier build"}')
+    result = CliRunner().invoke(cube, ["measure", str(build)])
+    assert result.exit_code == 0, result.output
+    assert (build / "policy.json").exists() and not stale.exists()
+
+
+def test_ovmf_without_sev_snp_measure_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = make_build(tmp_path)
+    firmware = tmp_path / "fake.fd"
+    firmware.write_bytes(bytes(4096))
+    monkeypatch.setenv("CUBE_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    result = CliRunner().invoke(cube, ["measure", str(build), "--ovmf", str(firmware)])
+    assert result.exit_code == 3
+    assert "sev-snp-measure not found" in result.output
+    assert not (build / "policy.json").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["cmdline-not-utf8", "volume-not-utf8", "volume-deep", "no-root-hash", "upper-case-sha"],
+)
+def test_builds_the_vm_would_refuse_are_clean_errors(tmp_path: Path, change: str) -> None:
+    config = _config_bytes()
+    sha = hashlib.sha256(config).hexdigest()
+    build = make_build(tmp_path, cmdline_sha=sha.upper() if change == "upper-case-sha" else None)
+    if change == "volume-not-utf8":
+        (build / "model-volume.json").write_bytes(b'{"root_hash": "\xff"}')
+    elif change == "volume-deep":
+        (build / "model-volume.json").write_bytes(b"[" * 100_000)
+    elif change in ("cmdline-not-utf8", "no-root-hash"):
+        cmdline = (
+            b"cube.config_sha256=" + sha.encode() + b" x=\xff\n"
+            if change == "cmdline-not-utf8"
+            else b"cube.config_sha256=" + sha.encode() + b"\n"
+        )
+        sections = {".osrel": b"ID=debian\n", ".cmdline": cmdline, ".linux": base_pe()}
+        sections[".initrd"] = os.urandom(64)
+        (build / "cube.efi").write_bytes(make_uki(tmp_path / "sections", sections))
+    result = CliRunner().invoke(cube, ["measure", str(build)])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (build / "policy.json").exists()
+
+
+def test_an_unwritable_output_is_a_clean_error_and_writes_nothing(tmp_path: Path) -> None:
+    build = make_build(tmp_path)
+    result = CliRunner().invoke(
+        cube, ["measure", str(build), "--out", str(tmp_path / "missing-dir" / "p.json")]
+    )
+    assert result.exit_code == 3
+    assert "cannot write" in result.output
+    assert not (build / "measurements.json").exists()

@@ -172,6 +172,57 @@ def test_cli_errors_are_messages_not_tracebacks(admin_server: AdminServer) -> No
     assert wrong.exit_code == 1 and "invalid email or password" in wrong.stderr
 
 
+def test_a_redirect_never_carries_the_token_and_odd_answers_are_messages(
+    tmp_path: Path,
+) -> None:
+    """A server that redirects elsewhere does not get the token repeated there; one that
+    answers something other than JSON, or an unusable CA file, is an error message."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            if self.path.startswith("/elsewhere"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+            elif self.path.startswith("/html"):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<html>not the admin API</html>")
+            else:
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{port}/elsewhere")
+                self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        redirected = CliRunner().invoke(admin, ["--url", base, "--token", "SECRET-PAT", "whoami"])
+        assert redirected.exit_code == 1 and "redirects" in redirected.stderr
+        assert seen == ["Bearer SECRET-PAT"]  # the first request only: nothing followed
+        html = CliRunner().invoke(admin, ["--url", f"{base}/html", "--token", "t", "whoami"])
+        assert html.exit_code == 1 and "did not answer JSON" in html.stderr
+        assert html.exception is None or isinstance(html.exception, SystemExit)
+        bad_ca = tmp_path / "bad.pem"
+        bad_ca.write_text("not a certificate")
+        ca = CliRunner().invoke(
+            admin, ["--url", base, "--token", "t", "--cacert", str(bad_ca), "whoami"]
+        )
+        assert ca.exit_code == 1 and "cannot use the CA file" in ca.stderr
+    finally:
+        server.shutdown()
+
+
 def test_passwords_are_never_command_line_arguments() -> None:
     for command in (["login"], ["users", "create"], ["users", "update"]):
         help_text = CliRunner().invoke(admin, [*command, "--help"]).output
