@@ -54,6 +54,7 @@ from agent.app import CONFIG
 from agent.config import AgentConfig
 from agent.metrics import METRICS, AgentMetrics
 from agent.principal import PRINCIPAL, Principal
+from cube_client.e2e import split_records
 
 __all__ = [
     "BACKEND",
@@ -585,6 +586,7 @@ async def relay(
     body: bytes | None,
     *,
     usage: UsageParser,
+    strip_usage: bool = False,
 ) -> web.StreamResponse:
     """Forward one request and relay the backend's answer (streamed or whole) to the client.
 
@@ -602,7 +604,9 @@ async def relay(
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "").lower()
         if content_type.startswith(("text/event-stream", "application/x-ndjson")):
             framing: Framing = "sse" if content_type.startswith("text/") else "ndjson"
-            return await _relay_stream(request, upstream, exchange, framing, usage)
+            return await _relay_stream(
+                request, upstream, exchange, framing, usage, strip_usage=strip_usage
+            )
         return await _relay_whole(upstream, exchange, usage)
     finally:
         _done_with(upstream)
@@ -725,6 +729,8 @@ async def _relay_stream(
     exchange: Exchange,
     framing: Framing,
     usage: UsageParser,
+    *,
+    strip_usage: bool = False,
 ) -> web.StreamResponse:
     headers = _response_headers(upstream)
     headers[hdrs.CACHE_CONTROL] = "no-cache"
@@ -765,6 +771,10 @@ async def _relay_stream(
             found = usage(out)
             if found is not None:
                 last_usage = found
+            if framing == "sse" and (
+                (strip_usage and b'"usage"' in out) or (sealing is None and b"[DONE]" in out)
+            ):
+                out = _usage_records(out, None if sealing else last_usage, strip=strip_usage)
             if sealing is not None:
                 out = sealing.seal(out)
             try:
@@ -820,6 +830,49 @@ def openai_usage(data: bytes) -> tuple[object, object] | None:
 # Handlers
 
 
+def _asks_for_usage(data: Mapping[str, Any]) -> bool:
+    options = data.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+_SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
+_NO_CHOICES: Final = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+
+def _usage_records(out: bytes, last_usage: tuple[object, object] | None, *, strip: bool) -> bytes:
+    """``out`` (complete SSE records) with the usage-only chunk dropped when the client did not
+    ask for it (``strip``), and the token counts as an SSE comment (``: cube-usage {...}``,
+    which SSE clients ignore) just before ``data: [DONE]``: the proxy meters from it even when
+    the client closes at ``[DONE]``."""
+    kept: list[bytes] = []
+    for record in split_records(out, "sse"):
+        if strip and _NO_CHOICES.search(record) and _is_usage_chunk(record):
+            continue
+        if last_usage is not None and _SSE_DONE.search(record):
+            prompt, completion = last_usage
+            counts = {
+                k: v
+                for k, v in (("prompt_tokens", prompt), ("completion_tokens", completion))
+                if type(v) is int and v >= 0
+            }
+            if counts:
+                kept.append(b": cube-usage " + json.dumps(counts).encode() + b"\n\n")
+        kept.append(record)
+    return b"".join(kept)
+
+
+def _is_usage_chunk(record: bytes) -> bool:
+    """An SSE record whose data is the stream's usage-only chunk (``"choices": []``)."""
+    for line in record.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                data = json.loads(line[5:])
+            except (ValueError, RecursionError):
+                return False
+            return isinstance(data, dict) and data.get("choices") == [] and "usage" in data
+    return False
+
+
 def _inference(endpoint: str, path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = request.app[CONFIG]
@@ -830,7 +883,18 @@ def _inference(endpoint: str, path: str) -> Callable[[web.Request], Awaitable[we
         model = model_field(data) or config.model_name
         require_model(config, principal, model)
         exchange.model = metric_model(config, model)
-        return await relay(request, exchange, "POST", path, body, usage=openai_usage)
+        strip_usage = False
+        if data.get("stream") is True and not _asks_for_usage(data):
+            # Token counts are metered (and token rate limits charged) whether or not the
+            # client asked for them: ask the backend, and give the client what it asked for.
+            options = data.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            data["stream_options"] = {**options, "include_usage": True}
+            body = json.dumps(data).encode()
+            strip_usage = True
+        return await relay(
+            request, exchange, "POST", path, body, usage=openai_usage, strip_usage=strip_usage
+        )
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await run_exchange(request, endpoint, handle)

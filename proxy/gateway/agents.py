@@ -199,6 +199,10 @@ class AgentPool:
     def all(self) -> list[Agent]:
         return list(self._agents.values())
 
+    def domain_ids(self) -> set[str]:
+        """The domains of the agents held now."""
+        return {key[0] for key in self._agents}
+
     def order(self, candidates: Sequence[Agent]) -> list[Agent]:
         """Try order: in rotation first, least in flight, round robin among equals."""
         if len(candidates) <= 1:

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -232,7 +233,13 @@ def _model_of(data: object, ollama: bool) -> str | None:
     model = data.get("model")
     if model is None and ollama:
         model = data.get("name")  # Ollama's older /api/show, /api/pull field
-    return model if isinstance(model, str) and model else None
+    if not isinstance(model, str) or not model:
+        return None
+    if len(model) > _MAX_MODEL_NAME or not model.isprintable():
+        # A NUL or a lone surrogate no store can hold: refused here, before it reaches the
+        # audit batch it shares with other requests (and other tenants).
+        raise GatewayError(400, "invalid model name", code="invalid_model")
+    return model
 
 
 def is_e2e(headers: MultiMapping[str]) -> bool:
@@ -334,7 +341,8 @@ def stream_ended(chunk: bytes, *, sealed: bool) -> bool:
     proxy cannot check, nor does it need to: this only decides whether a client that closes
     next got the whole answer, for the audit row)."""
     if not sealed:
-        return _STREAM_END in chunk
+        # At the start of a line: the words inside a model's text are in a JSON string there.
+        return chunk.startswith(_STREAM_END) or b"\n" + _STREAM_END in chunk
     for prefix, stop in _SEALED_RECORDS:
         start = chunk.find(prefix)
         while start >= 0:
@@ -373,11 +381,17 @@ def whole_usage(upstream: UpstreamResponse, body: bytes) -> Usage | None:
 # -- the exchange --------------------------------------------------------------------------------
 
 
-def _no_agent(failures: list[AgentFailure]) -> GatewayError:
+def _no_agent(gw: Gateway, failures: list[AgentFailure], agents: list[Agent]) -> GatewayError:
     refusals = [f for f in failures if f.attestation]
     if refusals:
         message = "; ".join(dict.fromkeys(f.message for f in refusals))
-        return GatewayError(503, message, code=refusals[0].code, headers={"Retry-After": "5"})
+        # When the first refused agent will be tried again: asking sooner gets this answer.
+        now = gw.now()
+        waits = [a.retry_at - now for a in agents if a.failure is not None and a.retry_at > now]
+        retry = min(3600, max(1, math.ceil(min(waits)))) if waits else 5
+        return GatewayError(
+            503, message, code=refusals[0].code, headers={"Retry-After": str(retry)}
+        )
     if failures:
         message = "; ".join(dict.fromkeys(f.message for f in failures))
         return GatewayError(
@@ -588,7 +602,7 @@ async def forward(gw: Gateway, ex: Exchange, method: str, prep: Prepared, relay:
                     upstream.release()
                 else:
                     upstream.close()  # tells the agent (and its backend) to stop
-    raise _no_agent(failures)
+    raise _no_agent(gw, failures, prep.candidates)
 
 
 def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Future[None] | None:
@@ -860,7 +874,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
             except AgentFailure as failure:
                 failures.append(failure)
         if passed is None:
-            raise _no_agent(failures)
+            raise _no_agent(gw, failures, agents)
         response = passed
     except GatewayError as error:
         response = _error(ex, error)

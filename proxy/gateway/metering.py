@@ -1,8 +1,11 @@
 """Usage from the backend's own fields, and the audit/usage writer.
 
-Usage is read, never asked for: the body is forwarded unchanged, so a stream carries usage only
-if the client asked for it (``stream_options.include_usage``) or the backend always sends it.
-OpenAI-shaped answers carry ``"usage": {"prompt_tokens", "completion_tokens"}`` (in a whole
+Usage is read from what the agent relays; the proxy forwards bodies unchanged. A cube agent
+asks its backend for a stream's usage whether or not the client did (the client gets the
+usage chunk only if it asked) and writes the counts as an SSE comment, ``: cube-usage
+{"prompt_tokens": n, "completion_tokens": n}``, just before ``data: [DONE]`` (SSE clients skip
+comments), so token limits hold for every stream. OpenAI-shaped answers carry
+``"usage": {"prompt_tokens", "completion_tokens"}`` (in a whole
 body, or in a stream's last records; the last one counts, as vLLM may repeat it cumulatively);
 Ollama's carry ``prompt_eval_count`` and ``eval_count`` in the final object. A ``"usage"`` inside
 generated text cannot match: JSON escapes its quotes.
@@ -53,11 +56,15 @@ __all__ = ["USAGE_HEADER", "AuditWriter", "Usage", "UsageScanner", "parse_usage_
 log = logging.getLogger("cube.proxy.audit")
 
 _CARRY_LIMIT: Final = 256 * 1024
-_OLLAMA_PROMPT: Final = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
-_OLLAMA_EVAL: Final = re.compile(rb'"eval_count"\s*:\s*(\d+)')
+_OLLAMA_PROMPT: Final = re.compile(rb'"prompt_eval_count"\s*:\s*(\d{1,15})\b')
+_OLLAMA_EVAL: Final = re.compile(rb'"eval_count"\s*:\s*(\d{1,15})\b')
+#: A usage object is a few hundred bytes; an agent's answer is not trusted to keep it so.
+_USAGE_OBJECT_MAX: Final = 4096
+_USAGE_CANDIDATES_MAX: Final = 16
 _DECODER: Final = json.JSONDecoder()
 USAGE_HEADER: Final = "Cube-Usage"
 _USAGE_EVENT: Final = b"cube-usage"
+_USAGE_COMMENT: Final = b": cube-usage "
 _USAGE_PAIR: Final = re.compile(r"\s*(prompt_tokens|completion_tokens)\s*=\s*(\d{1,12})\s*")
 
 
@@ -137,9 +144,9 @@ class UsageScanner:
             prompt = _OLLAMA_PROMPT.findall(data)
             completion = _OLLAMA_EVAL.findall(data)
             if prompt:
-                self.usage.prompt_tokens = int(prompt[-1])
+                self.usage.prompt_tokens = _count(int(prompt[-1]))
             if completion:
-                self.usage.completion_tokens = int(completion[-1])
+                self.usage.completion_tokens = _count(int(completion[-1]))
 
     def _usage_events(self, data: bytes) -> None:
         """SSE ``event: cube-usage`` / ``data: {...}`` (an event may span two feeds)."""
@@ -150,6 +157,12 @@ class UsageScanner:
             line = raw.rstrip(b"\r")
             if not line:
                 self._in_usage_event = False  # the blank line ends an event
+            elif line.startswith(_USAGE_COMMENT):
+                # The agent's comment before a plain stream's [DONE] (SSE clients skip it).
+                try:
+                    self._take(json.loads(line[len(_USAGE_COMMENT) :]))
+                except (ValueError, RecursionError):
+                    continue
             elif line.startswith(b"event:"):
                 self._in_usage_event = line[6:].strip() == _USAGE_EVENT
             elif self._in_usage_event and line.startswith(b"data:"):
@@ -172,8 +185,12 @@ class UsageScanner:
         return True
 
     def _openai(self, data: bytes, key: bytes) -> None:
+        """The last ``key: {...}`` that holds counts. Bounded work whatever the answer holds:
+        at most a few candidates from the end, each decoded from a bounded slice."""
         at = data.rfind(key)
-        while at >= 0:
+        for _ in range(_USAGE_CANDIDATES_MAX):
+            if at < 0:
+                return
             colon = data.find(b":", at + len(key))
             if colon < 0:
                 return
@@ -182,9 +199,9 @@ class UsageScanner:
                 start += 1
             if data[start : start + 1] == b"{":
                 try:
-                    text = data[start:].decode("utf-8", "replace")
+                    text = data[start : start + _USAGE_OBJECT_MAX].decode("utf-8", "replace")
                     value, _ = _DECODER.raw_decode(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     value = None
                 if self._take(value):
                     return
@@ -303,25 +320,25 @@ class AuditWriter:
                 self._idle.set()
 
     async def _write(self, batch: list[AuditRecord | _UsageRow | _Waited]) -> None:
-        waiters = [item.done for item in batch if isinstance(item, _Waited)]
-        self._waiting -= len(waiters)
-        failed = 0
+        waited = [item for item in batch if isinstance(item, _Waited)]
+        self._waiting -= len(waited)
+        failed: set[int] = {id(item.row) for item in waited}  # until written
         try:
             failed = await self._write_rows(batch)
         finally:
-            for done in waiters:
-                if done.done():
+            for item in waited:
+                if item.done.done():
                     continue
-                if failed:
-                    done.set_exception(RuntimeError("the audit row could not be written"))
-                    done.exception()  # retrieved: its request may be gone
+                if id(item.row) in failed:
+                    item.done.set_exception(RuntimeError("the audit row could not be written"))
+                    item.done.exception()  # retrieved: its request may be gone
                 else:
-                    done.set_result(None)
+                    item.done.set_result(None)
 
-    async def _write_rows(self, batch: list[AuditRecord | _UsageRow | _Waited]) -> int:
+    async def _write_rows(self, batch: list[AuditRecord | _UsageRow | _Waited]) -> set[int]:
         """Write one batch: every row at once (a directory with group commit then commits the
-        whole batch in one transaction), usage summed per (domain, user, model). Returns how
-        many audit rows failed."""
+        whole batch in one transaction), usage summed per (domain, user, model). Returns the
+        ``id()`` of each audit row that could not be written."""
         rows = [
             item.row if isinstance(item, _Waited) else item
             for item in batch
@@ -335,7 +352,7 @@ class AuditWriter:
                 sums[1] += item.completion_tokens
         # A directory may take a whole batch at once (one transaction); else row by row, all
         # at once, so that a group-committing directory still commits them together.
-        batch_failed = 0
+        failed: list[AuditRecord] = []
         many: Callable[[list[AuditRecord]], Awaitable[None]] | None = getattr(
             self.directory, "record_audits", None
         )
@@ -343,14 +360,24 @@ class AuditWriter:
             try:
                 await many(rows)
                 self.written += len(rows)
-            except Exception as exc:
-                self.metrics.audit_dropped.inc(len(rows))
-                log.error(  # noqa: TRY400 - the type only: a message could quote a row
-                    "writing audit rows failed",
-                    extra={"fields": {"rows": len(rows), "error": type(exc).__name__}},
-                )
-                batch_failed = len(rows)
-            rows = []
+                rows = []
+            except Exception:
+                if len(rows) == 1:
+                    failed, rows = rows, []
+                else:
+                    # One row the store refuses must not take its batch — other requests',
+                    # other tenants' — with it: each alone, one transaction each.
+                    log.warning(
+                        "writing a batch of audit rows failed; writing them one by one",
+                        extra={"fields": {"rows": len(rows)}},
+                    )
+                    for row in rows:
+                        try:
+                            await many([row])
+                            self.written += 1
+                        except Exception:
+                            failed.append(row)
+                    rows = []
         writes: list[Awaitable[None]] = [self.directory.record_audit(row) for row in rows]
         writes += [
             self.directory.record_usage(
@@ -363,14 +390,17 @@ class AuditWriter:
             for (domain_id, user_id, model), (prompt, completion) in usage.items()
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
-        failed = [r for r in results[: len(rows)] if isinstance(r, BaseException)]
-        self.written += len(rows) - len(failed)
+        failed += [
+            row for row, r in zip(rows, results, strict=False) if isinstance(r, BaseException)
+        ]
+        self.written += len(rows) - sum(isinstance(r, BaseException) for r in results[: len(rows)])
         if failed:
             self.metrics.audit_dropped.inc(len(failed))
-            log.error(
-                "writing audit rows failed",
-                extra={"fields": {"rows": len(failed), "error": type(failed[0]).__name__}},
+            log.error(  # the count only: a message could quote a row
+                "writing audit rows failed", extra={"fields": {"rows": len(failed)}}
             )
-        if any(isinstance(r, BaseException) for r in results[len(rows) :]):
-            log.error("writing usage failed")
-        return batch_failed + len(failed)
+        usage_failed = sum(isinstance(r, BaseException) for r in results[len(rows) :])
+        if usage_failed:
+            self.metrics.usage_dropped.inc(usage_failed)
+            log.error("writing usage failed", extra={"fields": {"rows": usage_failed}})
+        return {id(row) for row in failed}

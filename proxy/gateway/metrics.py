@@ -119,6 +119,11 @@ class GatewayMetrics:
             "Audit rows dropped (queue full or write failed)",
             registry=r,
         )
+        self.usage_dropped = Counter(
+            "cube_proxy_usage_dropped",
+            "Usage rows (per domain, user and model) that could not be written",
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.agents = Gauge(
             "cube_proxy_agents",

@@ -186,6 +186,10 @@ class Gateway:
                 return agent.status(self._clock(), datetime.now(UTC))
         return None
 
+    def now(self) -> float:
+        """The gateway's clock (monotonic seconds): what agents' retry and expiry times use."""
+        return self._clock()
+
     def signer(self) -> TokenSigner:
         return self.directory.issuer()
 
@@ -232,7 +236,8 @@ class Gateway:
         now = self._clock()
         trust = agent.trust
         if trust is None or now >= trust.expires_at:
-            if agent.failure is not None and now >= agent.retry_at and agent.verifying is None:
+            # Never verified, expired, or refused and due for a retry: verify (not before).
+            if (agent.failure is None or now >= agent.retry_at) and agent.verifying is None:
                 await self._reverify(agent)
             return
         if now >= trust.refresh_at and agent.verifying is None:
@@ -310,7 +315,15 @@ class Gateway:
             await asyncio.sleep(self.settings.health_interval)
             await self._discover_safely()
             self.upstream.prune()
-            agents = self.pool.all()
+            # Read every known domain's backends again, so that deleted ones leave the pool,
+            # and check only enabled ones: a backend taken out is not contacted, nor audited.
+            for domain_id in self.pool.domain_ids():
+                try:
+                    await self.agents(domain_id)
+                except Exception as exc:  # the directory is unreachable: keep what is known
+                    log.warning("reading backends failed: %s", type(exc).__name__)
+                    break
+            agents = [a for a in self.pool.all() if a.spec.enabled]
             now = self._clock()
             states: dict[str, int] = {"verified": 0, "unverified": 0, "down": 0, "refused": 0}
             for agent in agents:

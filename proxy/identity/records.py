@@ -27,22 +27,31 @@ log = logging.getLogger("cube.proxy.records")
 MAX_BATCH = 2000
 
 
+def storable(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters that every store can hold: no NUL (PostgreSQL
+    text cannot) and no lone surrogate (not UTF-8). A row that cannot be stored would fail the
+    whole batch it is committed with."""
+    if not value.isascii() or "\x00" in value:
+        value = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return value[:limit]
+
+
 def audit_values(row: AuditRecord) -> dict[str, Any]:
     return {
         "at": row.when.timestamp(),
         "domain_id": row.domain_id,
         "user_id": row.user_id,
         "token_id": row.token_id,
-        "event": row.event[:64],
-        "route": row.route[:512],
+        "event": storable(row.event, 64),
+        "route": storable(row.route, 512),
         "status": row.status,
-        "model": None if row.model is None else row.model[:200],
+        "model": None if row.model is None else storable(row.model, 200),
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "latency_ms": row.latency_ms,
         "evidence_digest": row.evidence_digest,
         "backend_id": row.backend_id,
-        "detail": None if row.detail is None else row.detail[:1000],
+        "detail": None if row.detail is None else storable(row.detail, 1000),
         "extra": json.dumps(row.extra, sort_keys=True) if row.extra else None,
     }
 

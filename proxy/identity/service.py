@@ -85,7 +85,7 @@ from proxy.identity.models import (
 )
 from proxy.identity.oidc import OidcVerifier
 from proxy.identity.passwords import PasswordHashing, check_password_rules
-from proxy.identity.records import RecordWriter, audit_values
+from proxy.identity.records import RecordWriter, audit_values, storable
 
 __all__ = ["DomainAccess", "Identity", "StartupError", "as_directory"]
 
@@ -1052,7 +1052,7 @@ class Identity:
                 "at": _now(),
                 "domain_id": domain_id,
                 "user_id": user_id,
-                "model": model[:200],
+                "model": storable(model, 200),
                 "prompt_tokens": max(0, int(prompt_tokens)),
                 "completion_tokens": max(0, int(completion_tokens)),
             },

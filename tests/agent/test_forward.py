@@ -280,8 +280,9 @@ def test_every_event_arrives_before_the_next_is_sent(
         async with client(agent) as session:
             headers = {"Authorization": f"Bearer {agent.token()}"}
             async with session.post(CHAT, data=chat_body(stream=True), headers=headers) as resp:
-                while await read_event(resp.content):
-                    arrivals.append(time.monotonic())
+                while event := await read_event(resp.content):
+                    if not event.startswith(b":"):  # the usage comment goes with [DONE]
+                        arrivals.append(time.monotonic())
         return arrivals
 
     arrivals = asyncio.run(main())
@@ -300,6 +301,27 @@ def test_stream_usage_is_metered_once(agent: RunningAgent, backend: FakeOpenAI) 
     assert eventually(lambda: metric(agent, "cube_agent_tokens_total", labels) == PROMPT_TOKENS)
     labels["kind"] = "completion"
     assert metric(agent, "cube_agent_tokens_total", labels) == len(backend.tokens)
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_stream_usage_is_reported_whether_or_not_the_client_asked(
+    agent: RunningAgent, backend: FakeOpenAI, asked: bool
+) -> None:
+    """The agent always asks the backend for a stream's usage (the proxy meters and charges
+    token limits from it); the client gets the usage chunk only if it asked, and in any case
+    an SSE comment with the counts just before [DONE], which SSE clients skip."""
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if asked else {}
+    reply = agent.request("POST", CHAT, body=chat_body(stream=True, **extra), token=agent.token())
+    assert reply.status == 200
+    sent = backend.requests_to(CHAT)[-1].json()
+    assert sent["stream_options"] == {"include_usage": True}
+    chunks = [json.loads(d) for d in sse_data(reply.body) if d != "[DONE]"]
+    usage_chunks = [c for c in chunks if c["choices"] == []]
+    assert len(usage_chunks) == (1 if asked else 0)
+    records = [r for r in reply.body.split(b"\n\n") if r]
+    assert records[-1] == b"data: [DONE]"
+    counts = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(backend.tokens)}
+    assert records[-2] == b": cube-usage " + json.dumps(counts).encode()
 
 
 def test_text_completions_stream(agent: RunningAgent, backend: FakeOpenAI) -> None:

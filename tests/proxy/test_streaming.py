@@ -82,7 +82,7 @@ def test_stream_arrives_chunk_by_chunk(
         assert b'"role": "assistant"' in first or b'"role":"assistant"' in first
         assert not fake_openai.last_sent.is_set()
         fake_openai.gate.open()
-        rest = list(events)
+        rest = [e for e in events if not e.startswith(b":")]  # not the usage comment
         assert rest[-1] == b"data: [DONE]"
         text = "".join(
             json.loads(e[6:])["choices"][0]["delta"].get("content", "")
@@ -166,22 +166,28 @@ def test_long_streams_are_not_cut(
     assert sum(1 for e in events if b" t" in e) == 8
 
 
-def test_usage_is_read_from_the_stream_without_changing_the_request(
+def test_every_stream_is_metered_whether_or_not_the_client_asked_for_usage(
     directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
+    """Token limits and usage must not depend on the client asking for usage: the agent asks
+    its backend and reports the counts (an SSE comment before [DONE]) either way, and the
+    client that did not ask gets no usage chunk."""
     dom = one_domain(directory, agents)
     server = proxy()
     with_usage = {**CHAT, "stream_options": {"include_usage": True}}
+    usage_chunks = []
     for payload in (with_usage, CHAT):
         conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, payload)
-        list(sse_events(response))
+        events = [e for e in sse_events(response) if e.startswith(b"data: {")]
+        usage_chunks.append(sum(json.loads(e[6:])["choices"] == [] for e in events))
         conn.close()
+    assert usage_chunks == [1, 0]
     sent = [r.json() for r in fake_openai.requests_to("/v1/chat/completions")]
-    assert sent == [with_usage, CHAT]  # the proxy never asks for usage itself
+    assert [s["stream_options"] for s in sent] == [{"include_usage": True}] * 2
     server.flush()
     rows = [r for r in directory.audits if r.event == "request"]
-    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(11, 4), (None, None)]
-    assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [(11, 4)]
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(11, 4), (11, 4)]
+    assert sum(u["prompt_tokens"] for u in directory.usage) == 22
 
 
 @pytest.fixture

@@ -1,0 +1,157 @@
+# ruff: noqa: F811 - fixtures imported from tests.proxy.harness are test parameters
+"""The gateway against a hostile tenant or its agent, and against admin changes made while it
+works: a model name no store can hold is a 400 (not a batch of other tenants' audit rows
+lost), a row the store refuses loses only itself, a hostile agent's usage fields cost bounded
+work and cannot push counts past any column, disabled backends are left alone, a request under
+a new policy is judged under it, and a refusal says when to come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from proxy.directory import AuditRecord
+from proxy.gateway.metering import AuditWriter, UsageScanner
+from proxy.gateway.metrics import GatewayMetrics
+from tests.proxy.fakes import FakeDirectory
+from tests.proxy.harness import (  # noqa: F401 - fixtures
+    TEST_SETTINGS,
+    Agents,
+    ProxyFactory,
+    agents,
+    directory,
+    fake_openai,
+    one_domain,
+    proxy,
+    sim_policy,
+)
+from tests.proxy.test_audit import _row
+
+
+def test_a_model_name_no_store_can_hold_is_refused(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    dom = one_domain(directory, agents)
+    server = proxy()
+    for model in ("\ud800", "a\x00b", "x" * 1000):
+        reply = server.request(
+            "POST",
+            f"/{dom.alias}/v1/chat/completions",
+            body=json.dumps({"model": model, "messages": []}).encode(),  # (escapes: ASCII)
+            token=dom.member_token,
+        )
+        assert reply.status == 400, (model[:8], reply.body)
+        assert reply.json()["error"]["code"] == "invalid_model"
+
+
+def test_a_row_the_store_refuses_loses_only_itself() -> None:
+    """A batch the store refuses is written again row by row: the others (other requests',
+    other tenants') are kept, and a durable request waits only on its own row."""
+
+    class Picky(FakeDirectory):
+        async def record_audits(self, rows: list[AuditRecord]) -> None:
+            if any(r.model == "poison" for r in rows):
+                raise ValueError("cannot store that")
+            self.audits.extend(rows)
+
+    directory = Picky()
+    metrics = GatewayMetrics()
+
+    async def main() -> tuple[Any, Any]:
+        writer = AuditWriter(directory, metrics, flush_interval=0.05)
+        writer.start()
+        good = [replace(_row(n), model="cube-tiny") for n in range(5)]
+        waited_good = writer.audit_durably(good[0])
+        waited_bad = writer.audit_durably(replace(_row(9), model="poison"))
+        for row in good[1:]:
+            writer.audit(row)
+        results = await asyncio.gather(waited_good, waited_bad, return_exceptions=True)
+        await writer.close()
+        return results
+
+    ok, refused = asyncio.run(main())
+    assert ok is None and isinstance(refused, RuntimeError)
+    assert sorted(r.model for r in directory.audits) == ["cube-tiny"] * 5
+    assert metrics.audit_dropped._value.get() == 1
+
+
+def test_a_hostile_agents_usage_fields_are_bounded() -> None:
+    # Counts past what any column holds are not counts.
+    huge = b'{"prompt_eval_count": 1000000000000000000000, "eval_count": 7, "done": true}'
+    assert UsageScanner().whole(huge).prompt_tokens is None
+    assert UsageScanner().whole(b'{"eval_count": ' + b"9" * 5000 + b"}").completion_tokens is None
+    # Nesting past the recursion limit, and many "usage" keys before the real one.
+    deep = b'{"usage": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}"
+    assert not UsageScanner().whole(deep).known
+    body = b'{"x": [' + b'{"usage": {"n": 1}},' * 20000
+    body += b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}]}'
+    usage = UsageScanner().whole(body)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3, 4)
+
+
+def _evidence_served(agent: Any) -> float:
+    return float(agent.prepared.metrics.evidence.labels(outcome="ok")._value.get())
+
+
+def test_a_disabled_backend_is_neither_verified_nor_health_checked(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    dom = one_domain(directory, agents, policy=sim_policy(max_evidence_age_seconds=2))
+    second = agents.start(dom.alias)
+    directory.add_backend(dom.alias, second.url, backend_id="acme-agent-2", models=("cube-tiny",))
+    server = proxy(replace(TEST_SETTINGS, health_interval=0.3, discover_agents=True))
+    time.sleep(1)
+    specs = directory.backend_specs[directory.domains[dom.alias]]
+    specs[0] = replace(specs[0], enabled=False)  # the admin disables agent 1
+    assert server.chat(dom.alias, dom.member_token).status == 200
+    before = _evidence_served(dom.agent)
+    time.sleep(3)  # past the evidence's 2 s lifetime: an enabled agent is verified again
+    assert _evidence_served(dom.agent) == before
+    assert _evidence_served(second) > 0
+
+
+def test_a_request_under_a_new_policy_is_judged_under_it(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    """The admin fixes a policy while a verification under the old one is in flight: a
+    request made under the new policy does not get the old policy's refusal."""
+    dom = one_domain(directory, agents, policy=sim_policy(agent_versions=["9.9.9"]))
+    server = proxy()
+    gate = server.gateway.gate
+    real = gate._fetch
+
+    async def slow(agent: Any, nonce: bytes) -> Any:
+        out = await real(agent, nonce)
+        await asyncio.sleep(1.0)
+        return out
+
+    gate._fetch = slow  # type: ignore[method-assign]
+    replies: dict[str, Any] = {}
+    old = threading.Thread(
+        target=lambda: replies.__setitem__("old", server.chat(dom.alias, dom.member_token))
+    )
+    old.start()
+    time.sleep(0.4)
+    directory.set_policy(dom.alias, sim_policy())  # accepts the agent
+    new = threading.Thread(
+        target=lambda: replies.__setitem__("new", server.chat(dom.alias, dom.member_token))
+    )
+    new.start()
+    old.join(30)
+    new.join(30)
+    assert replies["old"].status == 503
+    assert replies["new"].status == 200, replies["new"].body
+
+
+def test_a_refusal_says_when_the_agent_will_be_tried_again(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    dom = one_domain(directory, agents, policy=sim_policy(agent_versions=["9.9.9"]))
+    server = proxy(replace(TEST_SETTINGS, failure_retry_seconds=30.0))
+    reply = server.chat(dom.alias, dom.member_token)
+    assert reply.status == 503
+    assert 25 <= int(reply.headers["Retry-After"]) <= 30
