@@ -530,6 +530,7 @@ class _Connection(asyncio.Protocol):
             out.flush()
             ex.status = 502
             ex.detail = "agent disconnected mid-stream"
+            ex.usage = scanner.finish()  # whatever counts arrived are charged
             transport.abort()
             return None
         ex.usage = scanner.finish()

@@ -527,6 +527,7 @@ async def _relay(
         # stream, so it cannot take a truncated answer for a complete one.
         ex.status = 502
         ex.detail = "agent disconnected mid-stream"
+        ex.usage = scanner.finish()  # whatever counts arrived are charged
         if request.transport is not None:
             request.transport.abort()
         return response
