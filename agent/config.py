@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import math
 import re
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +42,31 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 class ConfigError(MalformedError):
     """The agent's configuration is invalid; the agent refuses to start."""
+
+
+#: A DNS name (letters, digits, hyphens, dots; A-labels for internationalised names) or an IP.
+_TLS_NAME = re.compile(r"[A-Za-z0-9.:*-]{1,253}")
+
+
+def _on_loopback(url: str) -> bool:
+    """``http://`` to a loopback address or ``localhost``, nothing that names another host
+    (a prefix test would take ``http://127.0.0.1@10.0.0.5`` or ``http://localhost.evil``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for an invalid port
+    except ValueError:
+        return False
+    host = parts.hostname
+    if parts.scheme != "http" or host is None or parts.username is not None:
+        return False
+    if parts.password is not None or parts.query or parts.fragment or "@" in parts.netloc:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -90,10 +118,11 @@ class AgentConfig:
             raise ConfigError(f"backend must be one of {', '.join(_BACKENDS)}")
         if self.tee not in _TEES:
             raise ConfigError(f"tee must be one of {', '.join(_TEES)}")
-        if not self.backend_url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        if not _on_loopback(self.backend_url):
             raise ConfigError(
-                f"backend_url {self.backend_url!r} is not on loopback: the backend must never "
-                "be reachable from outside the VM"
+                f"backend_url {self.backend_url!r} is not http:// on loopback (127.0.0.0/8, ::1 "
+                "or localhost, no user info): the backend must never be reachable from outside "
+                "the VM"
             )
         if not self.jwt_issuer or not self.jwt_audience:
             raise ConfigError("jwt_issuer and jwt_audience are required")
@@ -116,6 +145,10 @@ class AgentConfig:
             )
         if self.jwks_url is not None and not self.jwks_url.startswith("https://"):
             raise ConfigError("jwks_url must be an https:// URL")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number")
         if self.evidence_rate_per_second <= 0 or self.evidence_burst < 1:
             raise ConfigError("evidence_rate_per_second must be > 0 and evidence_burst >= 1")
         if not 1 <= self.key_rotate_seconds <= 90 * 86400:
@@ -128,6 +161,19 @@ class AgentConfig:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if not 0 <= self.runtime_pcr < 24 or not all(0 <= p < 24 for p in self.tpm_pcrs):
             raise ConfigError("PCR indices must be 0..23")
+        if self.tpm is not None and self.runtime_pcr not in self.tpm_pcrs:
+            raise ConfigError(
+                f"runtime_pcr {self.runtime_pcr} is not among tpm_pcrs: no quote would cover "
+                "the model and configuration digests extended there"
+            )
+        if 17 <= self.runtime_pcr <= 22:
+            raise ConfigError("runtime_pcr 17..22 cannot be extended at locality 0")
+        for name in self.tls_names:
+            if not _TLS_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"tls_names: {name!r} is not an ASCII DNS name or IP address (use the "
+                    "A-label form, xn--..., of an internationalised name)"
+                )
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes is too small")
         return self

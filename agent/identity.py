@@ -84,7 +84,10 @@ def _subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
         except ValueError:
             if any(c.isspace() or c in "/\\@:" for c in key) or len(key) > 253:
                 raise IdentityError(f"{name!r} is not a DNS name or IP address") from None
-            out.append(x509.DNSName(key))
+            try:
+                out.append(x509.DNSName(key))
+            except ValueError:  # not an A-label (ASCII) name
+                raise IdentityError(f"{name!r} is not an ASCII DNS name (use xn--...)") from None
     return out
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -117,18 +119,33 @@ def _read_manifest(directory: Path) -> tuple[dict[str, str], str]:
 
 
 def _present_files(directory: Path) -> list[str]:
-    """Every regular file under ``directory`` (relative, '/'-separated) but the manifest."""
-    return sorted(
-        p.relative_to(directory).as_posix()
-        for p in directory.rglob("*")
-        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST
-    )
+    """Every regular file under ``directory`` (relative, '/'-separated) but the manifest.
+
+    Anything else — a symbolic link (to a file or to a directory a backend would read through
+    it), a device, a socket — is refused: what the backend loads must be exactly the files the
+    manifest hashes."""
+    out: list[str] = []
+    for top, dirs, files in os.walk(directory, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(top) / name
+            relative = path.relative_to(directory).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise MeasurementError(
+                    f"model directory: {relative!r} is not a regular file (a link or a device)"
+                )
+            if relative != MANIFEST:
+                out.append(relative)
+    return sorted(out)
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
+    # O_NOFOLLOW: a file swapped for a link after the listing is refused, not followed.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)

@@ -238,13 +238,18 @@ async def prepare(
     try:
         runtime_log = RuntimeLog()
         if platform is not None and platform.tpm is not None:
-            runtime_log = await asyncio.to_thread(
-                measure_runtime,
-                platform.tpm,
-                config.runtime_pcr,
-                model_digest=model.digest,
-                config_digest=config.digest(),
-            )
+            try:
+                runtime_log = await asyncio.to_thread(
+                    measure_runtime,
+                    platform.tpm,
+                    config.runtime_pcr,
+                    model_digest=model.digest,
+                    config_digest=config.digest(),
+                )
+            except MeasurementError as exc:
+                # Unmeasured, the agent would attest a TPM state that does not name its model
+                # and configuration: it does not serve.
+                raise StartupError(f"refusing to serve: {exc}") from exc
         note = rtmr_note(collector.platform)
         if note is not None:
             log.info(note)

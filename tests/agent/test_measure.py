@@ -72,6 +72,26 @@ def test_an_extra_file_is_refused(model: ModelDir) -> None:
         verify_model_dir(model.path, model.digest)
 
 
+@pytest.mark.parametrize("target", ["dir", "file", "dangling"])
+def test_a_link_in_the_model_directory_is_refused(
+    model: ModelDir, tmp_path: Path, target: str
+) -> None:
+    # A link to a directory is invisible to a walk that does not follow links, and a backend
+    # would load what is behind it: the directory holds regular files only.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil_plugin.py").write_text("import os")
+    link = model.path / "custom_code"
+    if target == "dir":
+        link.symlink_to(outside, target_is_directory=True)
+    elif target == "file":
+        link.symlink_to(outside / "evil_plugin.py")
+    else:
+        link.symlink_to(tmp_path / "nothing-here")
+    with pytest.raises(MeasurementError, match=r"custom_code.*not a regular file"):
+        verify_model_dir(model.path, model.digest)
+
+
 def test_a_missing_file_is_refused(model: ModelDir) -> None:
     (model.path / "sub" / "extra.bin").unlink()
     with pytest.raises(MeasurementError, match="missing"):
