@@ -60,7 +60,9 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, BackendSpec
+from proxy.gateway.errors import DATABASE_UNAVAILABLE
 from proxy.gateway.service import GATEWAY
 from proxy.identity import IDENTITY, Identity, IdentityConfig, StartupError
 from proxy.identity.errors import (
@@ -129,6 +131,16 @@ def _json_errors(handler: Handler) -> Handler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if is_unavailable(exc):
+                log.error("database unavailable: %s", type(exc).__name__)  # noqa: TRY400
+                message, code = DATABASE_UNAVAILABLE
+                return error_response(
+                    503,
+                    message,
+                    type_="service_unavailable",
+                    code=code,
+                    headers={"Retry-After": "1"},
+                )
             # Only the type: a message could quote a value from the request.
             log.error(  # noqa: TRY400 - no traceback: it could quote request values
                 "admin request failed: %s %s: %s",

@@ -221,6 +221,10 @@ async def _prepare(config: ProxyConfig, environ: Mapping[str, str]) -> None:
     await identity.close()
 
 
+#: The supervisor's pid, as its workers must find it (their parent).
+_SUPERVISOR_ENV = "CUBE_SUPERVISOR_PID"
+
+
 def _die_with_parent() -> None:
     """A worker must not outlive its parent (even one killed with SIGKILL)."""
     if sys.platform.startswith("linux"):
@@ -256,7 +260,11 @@ def _supervise(
         SharedTrust.create(shared / "trust")
         (shared / "metrics").mkdir(mode=0o700)
         # Each worker writes its metrics there; /metrics reports them all (gateway.metrics).
-        worker_env = {**environ, MULTIPROCESS_ENV: str(shared / "metrics")}
+        worker_env = {
+            **environ,
+            MULTIPROCESS_ENV: str(shared / "metrics"),
+            _SUPERVISOR_ENV: str(os.getpid()),
+        }
         procs: list[subprocess.Popen[bytes]] = []
         failed = False
         try:
@@ -330,6 +338,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print("cube-proxy: --worker-index is internal to --workers", file=sys.stderr)
             return EXIT_CONFIG
         _die_with_parent()
+        if os.environ.get(_SUPERVISOR_ENV) != str(os.getppid()):
+            # The supervisor died before the line above took effect (its SIGKILL then sends
+            # no signal here): a worker without its supervisor must not serve.
+            print("cube-proxy: the supervisor is gone", file=sys.stderr)
+            return EXIT_START
         worker = Worker(args.worker_index, args.worker_count, args.worker_shared)
     try:
         count = config.effective_workers

@@ -12,6 +12,7 @@ reads them. A database URL may hold a password: prefer ``CUBE_PROXY_DATABASE`` t
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 import typing
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cube._loop import EVENT_LOOPS
+from proxy.db.engine import DatabaseError, database_url, redacted_spec
 from proxy.gateway.settings import GatewaySettings
 
 __all__ = [
@@ -135,7 +137,11 @@ class ProxyConfig:
             raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.rate_limits not in ("auto", "database", "local"):
             raise ConfigError("rate_limits must be auto, database or local")
-        if self.rate_limits == "database" and not self.database.startswith("postgres"):
+        try:
+            backend = database_url(self.database).get_backend_name()
+        except DatabaseError as exc:
+            raise ConfigError(f"database: {exc}") from None
+        if self.rate_limits == "database" and backend != "postgresql":
             raise ConfigError("rate_limits database needs a PostgreSQL database")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
@@ -156,18 +162,8 @@ class ProxyConfig:
         out: dict[str, Any] = {"format": CONFIG_FORMAT}
         for f in fields(self):
             out[f.name] = getattr(self, f.name)
-        out["database"] = _redact(self.database)
+        out["database"] = redacted_spec(self.database)
         return out
-
-
-def _redact(url: str) -> str:
-    """A database URL without its password (for printing)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -221,9 +217,12 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 
 def _convert(option: Option, text: str, where: str) -> Any:
     try:
-        return option.parse(text)
+        value = option.parse(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not a valid {option.type.__name__}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {text!r} is not a finite number")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -246,6 +245,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if value is None and option.optional:
             out[key] = None
         elif option.type is float and type(value) in (int, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"configuration: {key} must be a finite number")
             out[key] = float(value)
         elif type(value) is option.type:
             out[key] = value

@@ -34,11 +34,20 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["Database", "DatabaseError", "Dialect", "database_url", "redacted_url"]
+__all__ = [
+    "Database",
+    "DatabaseError",
+    "Dialect",
+    "database_url",
+    "is_unavailable",
+    "redacted_spec",
+    "redacted_url",
+]
 
 log = logging.getLogger("cube.proxy.db")
 
@@ -77,8 +86,41 @@ def database_url(spec: str) -> URL:
     raise DatabaseError(f"unsupported database {backend!r} (use a SQLite file or postgresql://)")
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached now (a connection refused, lost or
+    timed out), as opposed to a statement it refused: the caller answers 503, not 500."""
+    if isinstance(
+        exc,
+        (
+            OSError,
+            TimeoutError,
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.DisconnectionError,
+            sa_exc.TimeoutError,
+        ),
+    ):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
+
+
 def redacted_url(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    """``url`` for logs and printing: its password hidden, wherever it is given (asyncpg also
+    takes ``?password=``)."""
+    query = {k: ("***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in url.query.items()}
+    return url.set(query=query).render_as_string(hide_password=True)
+
+
+def redacted_spec(spec: str) -> str:
+    """What a user passed to ``--database``, for printing without its secrets."""
+    try:
+        url = make_url(spec) if "://" in spec else None
+    except ArgumentError:
+        return "(a malformed database URL)"
+    return spec if url is None else redacted_url(url)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -44,9 +44,10 @@ from multidict import CIMultiDict
 
 from cube._logging import log_line
 from cube._tasks import cancel_and_wait
+from proxy.db.engine import is_unavailable
 from proxy.directory import RESERVED_ALIASES
 from proxy.gateway.agents import Agent, Trust
-from proxy.gateway.errors import GatewayError, error_document
+from proxy.gateway.errors import DATABASE_UNAVAILABLE, GatewayError, error_document
 from proxy.gateway.forward import (
     PROXY_MS_HEADER,
     Exchange,
@@ -401,7 +402,17 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             status = ex.status
             raise
-        except Exception:
+        except Exception as exc:
+            if is_unavailable(exc) and not self.streaming:
+                log.error(  # noqa: TRY400 - the type only: an outage, not a bug to trace
+                    "database unavailable: %s", type(exc).__name__
+                )
+                message, code = DATABASE_UNAVAILABLE
+                outage = GatewayError(503, message, code=code, headers={"Retry-After": "1"})
+                reply = _error_reply(ex, outage)
+                self._write_reply(reply, inc.request_id, close=request.close)
+                status = 503
+                return
             log.exception(
                 "unhandled error",
                 extra={

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 from aiohttp import web
 
-__all__ = ["ERROR_TYPES", "GatewayError", "error_document", "json_error"]
+__all__ = [
+    "DATABASE_UNAVAILABLE",
+    "ERROR_TYPES",
+    "GatewayError",
+    "database_unavailable",
+    "error_document",
+    "json_error",
+]
 
 ERROR_TYPES: Mapping[int, str] = {
     400: "invalid_request_error",
@@ -46,6 +54,18 @@ def json_error(
     """:func:`error_document` as a response with ``status``."""
     document = error_document(status, message, type_=type_, code=code)
     return web.json_response(document, status=status, headers=headers)
+
+
+#: The answer while the proxy's database cannot be reached (requests it needs can be retried).
+DATABASE_UNAVAILABLE: Final = (
+    "the proxy's database is unavailable; retry shortly",
+    "database_unavailable",
+)
+
+
+def database_unavailable() -> web.Response:
+    message, code = DATABASE_UNAVAILABLE
+    return json_error(503, message, code=code, headers={"Retry-After": "1"})
 
 
 class GatewayError(Exception):

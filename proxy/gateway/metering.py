@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cube._tasks import cancel_and_wait
+from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, Directory
 from proxy.gateway.metrics import GatewayMetrics
 
@@ -216,6 +217,10 @@ class _Waited:
     done: asyncio.Future[None]
 
 
+class _Outage(Exception):
+    """The store cannot be reached (not: it refused a row); the batch is written again later."""
+
+
 @dataclass(frozen=True)
 class _UsageRow:
     domain_id: str
@@ -311,10 +316,21 @@ class AuditWriter:
                 # Let a batch gather (cut short by flushed() and by a durable row).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._hurry.wait(), self.flush_interval)
+            backoff = 0.25
             while self._queue:
                 batch = list(self._queue)
                 self._queue.clear()
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except _Outage:
+                    # Requests go on (answered from the identity cache): keep their rows and
+                    # try again, rather than lose them to a database restart.
+                    log.warning(
+                        "audit store unavailable; retrying",
+                        extra={"fields": {"rows": len(batch), "retry_in": backoff}},
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
             if not self._queue:
                 self._hurry.clear()
                 self._idle.set()
@@ -325,6 +341,15 @@ class AuditWriter:
         failed: set[int] = {id(item.row) for item in waited}  # until written
         try:
             failed = await self._write_rows(batch)
+        except _Outage:
+            # Durable requests are told now (503); the other rows wait in the queue.
+            kept = [item for item in batch if not isinstance(item, _Waited)]
+            room = max(0, self.max_queue - len(self._queue))
+            if len(kept) > room:
+                self.metrics.audit_dropped.inc(len(kept) - room)
+                kept = kept[len(kept) - room :]
+            self._queue.extendleft(reversed(kept))
+            raise
         finally:
             for item in waited:
                 if item.done.done():
@@ -361,7 +386,9 @@ class AuditWriter:
                 await many(rows)
                 self.written += len(rows)
                 rows = []
-            except Exception:
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise _Outage from None
                 if len(rows) == 1:
                     failed, rows = rows, []
                 else:

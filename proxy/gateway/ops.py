@@ -27,7 +27,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cube._logging import JsonFormatter, configure_logging, log_line
-from proxy.gateway.errors import json_error
+from proxy.db.engine import is_unavailable
+from proxy.gateway.errors import database_unavailable, json_error
 from proxy.gateway.metrics import METRICS, exposition
 
 __all__ = [
@@ -95,12 +96,19 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
-    except Exception:
-        log.exception(
-            "unhandled error",
-            extra={"fields": {"route": _route(request), "request_id": request_id}},
-        )
-        response = json_error(500, "internal error", code="internal_error")
+    except Exception as exc:
+        if is_unavailable(exc):
+            status = 503
+            log.error(  # noqa: TRY400 - the type only: an outage, not a bug to trace
+                "database unavailable: %s", type(exc).__name__
+            )
+            response = database_unavailable()
+        else:
+            log.exception(
+                "unhandled error",
+                extra={"fields": {"route": _route(request), "request_id": request_id}},
+            )
+            response = json_error(500, "internal error", code="internal_error")
     finally:
         if request.app.get(ACCESS_LOG, True):
             fields: dict[str, object] = {

@@ -3,7 +3,8 @@ and the configuration file; see :mod:`proxy.config`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 __all__ = ["GatewaySettings"]
 
@@ -68,6 +69,10 @@ class GatewaySettings:
     shared_trust_dir: str | None = None
 
     def validate(self) -> GatewaySettings:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes is too small")
         if self.max_answer_bytes < 1024:

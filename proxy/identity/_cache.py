@@ -103,6 +103,9 @@ class LoadingCache:
 
     def _forget(self) -> None:
         self._data.clear()
+        # A load started before now may read what the clear was about (a revocation): later
+        # lookups start their own instead of joining it.
+        self._loading.clear()
         self._generation += 1
 
     def clear(self) -> None:

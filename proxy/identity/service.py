@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 
 import jwt
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from attestation.errors import AttestationError
 from attestation.policy import Policy
 from cube._tasks import cancel_and_wait
-from proxy.db import Database, migrate
+from proxy.db import Database, DatabaseError, migrate
+from proxy.db.engine import redacted_spec
 from proxy.db.notify import ChangeNotices
 from proxy.db.schema import (
     audit,
@@ -129,6 +130,18 @@ def _now() -> float:
     return time.time()
 
 
+def _database_failure(exc: BaseException) -> str:
+    """Why a database could not be used, in words that carry no secret (a driver's message
+    may quote its connection string; its error class and an OS error's text do not)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, DatabaseError):
+        return str(exc)  # this project's own messages
+    return type(exc).__name__
+
+
 class Identity:
     """Users, sessions, tokens and domains over one :class:`Database`."""
 
@@ -176,12 +189,23 @@ class Identity:
     ) -> Identity:
         """Open the database, migrate it, load (or create) the signing keys, bootstrap the
         admin, start the periodic refresh. Raises StartupError when it must not start."""
-        db = Database.open(config.database)
+        try:
+            db = Database.open(config.database)
+        except (DatabaseError, OSError) as exc:
+            where = redacted_spec(str(config.database))
+            raise StartupError(
+                f"cannot open the database {where}: {_database_failure(exc)}"
+            ) from None
         try:
             applied = await migrate(db)
             if applied:
                 log.info("database migrated", extra={"versions": applied})
             identity = cls(db, config, hashing=hashing)
+        except (OSError, SQLAlchemyError) as exc:
+            await db.close()
+            raise StartupError(
+                f"cannot open the database {db.describe()}: {_database_failure(exc)}"
+            ) from None
         except BaseException:
             await db.close()
             raise

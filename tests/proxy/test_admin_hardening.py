@@ -283,3 +283,17 @@ def _as(server: AdminServer, token: str) -> Any:
         return server.request(method, path, body, token=token)
 
     return call
+
+
+def test_a_database_outage_is_a_503_at_the_admin_api(admin_server: AdminServer) -> None:
+    server = admin_server
+    token = server.token()
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    server.identity.authenticate_principal = down
+    reply = server.request("GET", "/admin/me", token=token)
+    assert reply.status == 503, reply.body
+    assert reply.json()["error"]["code"] == "database_unavailable"
+    assert reply.headers["Retry-After"] == "1"

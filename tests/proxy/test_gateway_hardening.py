@@ -155,3 +155,73 @@ def test_a_refusal_says_when_the_agent_will_be_tried_again(
     reply = server.chat(dom.alias, dom.member_token)
     assert reply.status == 503
     assert 25 <= int(reply.headers["Retry-After"]) <= 30
+
+
+def test_a_database_outage_is_a_503_on_both_front_ends(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    """While the proxy's database cannot be reached, requests are told so (503, retry), not
+    given a 500 with a traceback in the log."""
+    dom = one_domain(directory, agents)
+    server = proxy()
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    directory.authenticate = down  # type: ignore[method-assign]
+    for version in ("HTTP/1.1", "HTTP/1.0"):  # the fast path, then aiohttp's
+        reply = server.chat(dom.alias, dom.member_token) if version == "HTTP/1.1" else None
+        if reply is None:
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+            body = json.dumps({"model": "cube-tiny", "messages": []}).encode()
+            conn.request(
+                "POST",
+                f"/{dom.alias}/v1/chat/completions",
+                body=body,
+                headers={"Authorization": f"Bearer {dom.member_token}"},
+            )
+            response = conn.getresponse()
+            status, headers, data = response.status, dict(response.getheaders()), response.read()
+            conn.close()
+        else:
+            status, headers, data = reply.status, reply.headers, reply.body
+        assert status == 503, (version, data)
+        assert json.loads(data)["error"]["code"] == "database_unavailable"
+        assert headers["Retry-After"] == "1"
+
+
+def test_audit_rows_wait_out_a_database_outage() -> None:
+    """A store that cannot be reached for a moment (a database restart) loses no rows: they
+    are written once it is back. A durable request is told at once (it cannot be committed)."""
+
+    class Restarting(FakeDirectory):
+        outage = 2
+
+        async def record_audits(self, rows: list[AuditRecord]) -> None:
+            if self.outage:
+                self.outage -= 1
+                raise ConnectionRefusedError(111, "Connection refused")
+            self.audits.extend(rows)
+
+    directory = Restarting()
+    metrics = GatewayMetrics()
+
+    async def main() -> BaseException | None:
+        writer = AuditWriter(directory, metrics, flush_interval=0.01)
+        writer.start()
+        durable = writer.audit_durably(_row(0))
+        for n in range(1, 6):
+            writer.audit(_row(n))
+        refused = await asyncio.gather(durable, return_exceptions=True)
+        await writer.flushed(timeout=10)
+        await writer.close()
+        return refused[0]
+
+    refused = asyncio.run(main())
+    assert isinstance(refused, RuntimeError)
+    assert sorted(r.status for r in directory.audits) == sorted(_row(n).status for n in range(1, 6))
+    assert len(directory.audits) == 5
+    assert metrics.audit_dropped._value.get() == 0

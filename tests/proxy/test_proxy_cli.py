@@ -69,6 +69,10 @@ def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
         ({"event_loop": "trio"}, {}, "event_loop"),
         ({"rate_limits": "redis"}, {}, "rate_limits must be auto, database or local"),
         ({}, {"CUBE_PROXY_RATE_LIMITS": "database"}, "needs a PostgreSQL database"),
+        # A SQLite file whose name starts like "postgres" is still SQLite.
+        ({"database": "postgres-data.db", "rate_limits": "database"}, {}, "needs a PostgreSQL"),
+        ({"audit_flush_interval": "nan"}, {}, "finite"),
+        ({}, {"CUBE_PROXY_HEALTH_INTERVAL": "inf"}, "finite"),
     ],
 )
 def test_invalid_configurations_are_refused(
@@ -110,6 +114,15 @@ def test_print_config_redacts_the_database_password(capsys: pytest.CaptureFixtur
     printed = json.loads(capsys.readouterr().out)
     assert printed["database"] == "postgresql://cube:***@db:5432/cube"
     assert "s3cret-pw" not in json.dumps(printed)
+    # asyncpg also takes the password in the query string.
+    assert (
+        main(
+            ["--print-config"],
+            environ={"CUBE_PROXY_DATABASE": "postgresql://db/cube?user=cube&password=s3cret-pw"},
+        )
+        == 0
+    )
+    assert "s3cret-pw" not in capsys.readouterr().out
     assert main(["--port", "nope"], environ={}) == 2
 
 
