@@ -179,9 +179,23 @@ _common_flags = [
         multiple=True,
         metavar="STATUS",
         help="TDX TCB status to accept (repeatable); default UpToDate only.",
+        allow_from_autoenv=False,
     ),
-    click.option("--allow-simulated", is_flag=True, help="Accept simulator evidence."),
-    click.option("--at", "at", metavar="ISO8601", help="Verify as of this time (default: now)."),
+    # What loosens a verdict is said on the command line only, never picked up from an
+    # environment variable nobody sees (`cube` reads CUBE_<COMMAND>_<OPTION> for the rest).
+    click.option(
+        "--allow-simulated",
+        is_flag=True,
+        help="Accept simulator evidence.",
+        allow_from_autoenv=False,
+    ),
+    click.option(
+        "--at",
+        "at",
+        metavar="ISO8601",
+        help="Verify as of this time (default: now).",
+        allow_from_autoenv=False,
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     click.option("--explain", is_flag=True, help="List every check with expected and actual."),
 ]

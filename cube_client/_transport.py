@@ -18,8 +18,8 @@ Sealed answers are opened (whole bodies, and streams record by record with the e
 required); a plaintext success answer to a sealed request is refused. An agent that answers
 421 ``e2e_wrong_recipient`` (a proxy routed the request to another agent than the one verified)
 gets one retry after a fresh verification. Errors raised here are
-:class:`attestation.errors.AttestationError`s (the ``openai`` SDK wraps them in
-``APIConnectionError``; the cause is ``__cause__``).
+:class:`attestation.errors.AttestationError`s (the ``openai`` SDK mostly passes them through;
+where it wraps them, in ``APIConnectionError``, the error is the ``__cause__``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -58,6 +60,8 @@ __all__ = [
 MAX_EVIDENCE_BYTES = 4 * 1024 * 1024
 HPKE_PUBLIC_KEY_BYTES = 32
 _USER_AGENT = "cube-client/1"
+#: What a bearer token may hold (RFC 6750 b64token, and then some): printable ASCII, no space.
+_TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,8 @@ class Endpoint:
 def parse_endpoint(url: str, via_proxy: bool | None = None) -> Endpoint:
     """Parse an agent URL (``https://host:port``) or a proxy domain URL (``https://host/acme``).
 
-    ``via_proxy`` defaults to "the URL has a path". Raises :class:`MalformedError`; a direct
-    agent URL that is not ``https://`` raises :class:`BindingError` (nothing could bind it).
+    ``via_proxy`` defaults to "the URL has a path". Raises :class:`MalformedError`, also for a
+    direct agent URL that is not ``https://`` (nothing could bind a plain connection).
     """
     try:
         parts = urlsplit(url)
@@ -138,10 +142,10 @@ def parse_endpoint(url: str, via_proxy: bool | None = None) -> Endpoint:
     if not proxy and path:
         raise MalformedError(f"agent URL {url!r} must not have a path")
     if not proxy and parts.scheme != "https":
-        raise BindingError(
+        raise MalformedError(
             f"agent URL {url!r} is not https://: the evidence binds the agent's TLS certificate, "
             "so a plain connection cannot be attested",
-            check="tls.certificate",
+            check="endpoint.url",
         )
     host = parts.hostname
     port = port or (443 if parts.scheme == "https" else 80)
@@ -180,6 +184,13 @@ def _request_parts(
     # The credential goes to a proxy only (which serves evidence to its users); an agent's
     # evidence is public, and a bearer token never goes to anything not yet verified.
     if api_key is not None and endpoint.via_proxy:
+        if not _TOKEN_CHARACTERS.fullmatch(api_key):
+            # Said without the key: an HTTP library's error would quote the whole header.
+            raise MalformedError(
+                "the API key contains characters no HTTP header can carry (a trailing newline "
+                "or space?)",
+                check="evidence.fetch",
+            )
         headers.append((b"Authorization", f"Bearer {api_key}".encode()))
     extensions: dict[str, object] = {
         "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
@@ -188,9 +199,19 @@ def _request_parts(
 
 
 def _unreachable(endpoint: Endpoint, exc: BaseException) -> ClientError:
-    detail = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, httpcore2.LocalProtocolError):
+        detail = f"the request could not be sent ({type(exc).__name__})"  # it may quote headers
+    else:
+        detail = str(exc).strip() or type(exc).__name__
     return ClientError(
         f"could not fetch evidence from {endpoint.url}: {detail[:300]}", check="evidence.fetch"
+    )
+
+
+def _timed_out(endpoint: Endpoint, timeout: float) -> ClientError:
+    return ClientError(
+        f"could not fetch evidence from {endpoint.url}: not complete within {timeout:g} s",
+        check="evidence.fetch",
     )
 
 
@@ -206,10 +227,13 @@ def _fetch(
         max_keepalive_connections=0,
         network_backend=CheckedBackend(capture),
     )
+    deadline = time.monotonic() + timeout  # for the whole fetch, not per read
     try:
         with pool.stream("GET", url, headers=headers, extensions=extensions) as response:
             body = b""
             for chunk in response.iter_stream():
+                if time.monotonic() > deadline:
+                    raise _timed_out(endpoint, timeout)
                 body += chunk
                 if len(body) > MAX_EVIDENCE_BYTES:
                     raise ClientError(
@@ -245,7 +269,10 @@ async def _afetch(
         network_backend=AsyncCheckedBackend(capture),
     )
     try:
-        async with pool.stream("GET", url, headers=headers, extensions=extensions) as response:
+        async with (
+            asyncio.timeout(timeout),  # for the whole fetch, not per read
+            pool.stream("GET", url, headers=headers, extensions=extensions) as response,
+        ):
             body = b""
             async for chunk in response.aiter_stream():
                 body += chunk
@@ -261,6 +288,8 @@ async def _afetch(
                 capture.der,
                 capture.connections,
             )
+    except TimeoutError:
+        raise _timed_out(endpoint, timeout) from None
     except (
         httpcore2.ConnectError,
         httpcore2.TimeoutException,

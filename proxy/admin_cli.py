@@ -60,11 +60,17 @@ class _Client:
                 _fail(
                     "no credential: pass --token or set CUBE_ADMIN_TOKEN (see `cube admin login`)"
                 )
+            if not all(0x21 <= ord(c) <= 0x7E for c in self.token):
+                # Not quoted back: urllib's error would show the whole header.
+                _fail("the token contains characters no HTTP header can carry (a newline?)")
             headers["Authorization"] = f"Bearer {self.token}"
         target = self.url.rstrip("/") + path
         if not target.startswith(("https://", "http://")):
             _fail("the URL must start with https:// or http://")
-        request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
+        try:
+            request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
+        except ValueError:
+            _fail(f"the URL {self.url!r} is not valid")
         try:
             context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
         except (OSError, ssl.SSLError) as exc:
@@ -82,6 +88,8 @@ class _Client:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             _fail(f"cannot reach {self.url}: {reason}")
+        except ValueError:  # an invalid URL (urllib checks some parts only when sending)
+            _fail(f"cannot send the request to {self.url!r}: the URL is not valid")
         try:
             return json.loads(payload) if payload else None
         except (ValueError, RecursionError):

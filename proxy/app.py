@@ -113,6 +113,7 @@ class AppDirectory:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
+        requests: int = 1,
     ) -> None:
         await self.identity.record_usage(
             domain_id=domain_id,
@@ -120,6 +121,7 @@ class AppDirectory:
             model=model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            requests=requests,
         )
 
     async def record_audit(self, row: AuditRecord) -> None:

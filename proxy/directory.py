@@ -226,6 +226,7 @@ class Directory(Protocol):
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
+        requests: int = 1,
     ) -> None: ...
 
     async def record_audit(self, row: AuditRecord) -> None: ...

@@ -49,11 +49,20 @@ def _v3_login_attempts(conn: sa.Connection) -> None:
     schema.login_attempts.create(conn, checkfirst=True)
 
 
+def _v4_usage_requests(conn: sa.Connection) -> None:
+    # (Already there when migration 1 ran from this schema module.) Rows written before
+    # counted one request each, as usage_summary counted them then.
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("usage")}
+    if "requests" not in columns:
+        conn.exec_driver_sql("ALTER TABLE usage ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
+
+
 #: (version, description, function), in order; versions start at 1 and have no gaps.
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "rate-limit buckets shared by replicas", _v2_rate_buckets),
     (3, "login attempts shared by workers and replicas", _v3_login_attempts),
+    (4, "usage rows count the requests they sum", _v4_usage_requests),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -210,6 +210,8 @@ usage = sa.Table(
     sa.Column("model", sa.String(200), nullable=False),
     sa.Column("prompt_tokens", sa.Integer(), nullable=False),
     sa.Column("completion_tokens", sa.Integer(), nullable=False),
+    # How many requests the row sums (the gateway writes one row per user and model per batch).
+    sa.Column("requests", sa.Integer(), nullable=False, server_default="1"),
     sa.Index("ix_usage_domain_at", "domain_id", "at"),
 )
 

@@ -372,9 +372,10 @@ class AuditWriter:
         usage: dict[tuple[str, str, str], list[int]] = {}
         for item in batch:
             if isinstance(item, _UsageRow):
-                sums = usage.setdefault((item.domain_id, item.user_id, item.model), [0, 0])
+                sums = usage.setdefault((item.domain_id, item.user_id, item.model), [0, 0, 0])
                 sums[0] += item.prompt_tokens
                 sums[1] += item.completion_tokens
+                sums[2] += 1
         # A directory may take a whole batch at once (one transaction); else row by row, all
         # at once, so that a group-committing directory still commits them together.
         failed: list[AuditRecord] = []
@@ -413,8 +414,9 @@ class AuditWriter:
                 model=model,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
+                requests=requests,
             )
-            for (domain_id, user_id, model), (prompt, completion) in usage.items()
+            for (domain_id, user_id, model), (prompt, completion, requests) in usage.items()
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
         failed += [

@@ -167,7 +167,7 @@ async def usage_summary(
         sa.select(
             usage.c.user_id,
             usage.c.model,
-            sa.func.count().label("requests"),
+            sa.func.sum(usage.c.requests).label("requests"),
             sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
             sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
         )

@@ -1069,6 +1069,7 @@ class Identity:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
+        requests: int = 1,
     ) -> None:
         await self.records.insert(
             usage,
@@ -1079,6 +1080,7 @@ class Identity:
                 "model": storable(model, 200),
                 "prompt_tokens": max(0, int(prompt_tokens)),
                 "completion_tokens": max(0, int(completion_tokens)),
+                "requests": max(0, int(requests)),
             },
         )
 

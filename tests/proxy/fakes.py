@@ -254,6 +254,7 @@ class FakeDirectory:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
+        requests: int = 1,
     ) -> None:
         self.usage.append(
             {
@@ -262,6 +263,7 @@ class FakeDirectory:
                 "model": model,
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
+                "requests": requests,
             }
         )
 

@@ -65,6 +65,7 @@ def test_every_request_is_audited_without_text(
             "model": "cube-tiny",
             "prompt_tokens": 11,
             "completion_tokens": 4,
+            "requests": 1,
         }
     ]
 
@@ -110,6 +111,7 @@ def test_the_writer_batches_and_sums_usage() -> None:
             "model": "m",
             "prompt_tokens": 100,
             "completion_tokens": 150,
+            "requests": 50,  # the rows it sums
         }
     ]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from proxy.db import LATEST, Database, DatabaseError, current_version, database_url, migrate, schema
 from proxy.db import migrations as migrations_module
+from proxy.identity.records import usage_summary
 from tests.proxy.conftest import run
 
 
@@ -286,3 +288,44 @@ def test_sqlite_file_is_created_with_its_directory(tmp_path: Path) -> None:
 async def _close_after_migrate(url: str) -> None:
     db = await _open(url)
     await db.close()
+
+
+def test_migration_4_counts_the_requests_of_older_usage_rows(database: str) -> None:
+    """A database from before usage rows counted requests: each older row stays one request,
+    and new rows say how many they sum."""
+
+    async def body() -> list[Any]:
+        db = Database.open(database)
+        try:
+            await migrate(db)
+            async with db.write() as conn:  # back to what version 3 had
+                await conn.execute(sa.text("ALTER TABLE usage DROP COLUMN requests"))
+                await conn.execute(
+                    sa.delete(schema.schema_version).where(schema.schema_version.c.version == 4)
+                )
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO usage (at, domain_id, user_id, model, prompt_tokens, "
+                        "completion_tokens) VALUES (1, 'd', 'u', 'm', 5, 6)"
+                    )
+                )
+            assert await migrate(db) == [4]
+            async with db.write() as conn:
+                await conn.execute(
+                    sa.insert(schema.usage).values(
+                        at=2,
+                        domain_id="d",
+                        user_id="u",
+                        model="m",
+                        prompt_tokens=10,
+                        completion_tokens=12,
+                        requests=2,
+                    )
+                )
+            return await usage_summary(db, "d")
+        finally:
+            await db.close()
+
+    assert run(body()) == [
+        {"user_id": "u", "model": "m", "requests": 3, "prompt_tokens": 15, "completion_tokens": 18}
+    ]
