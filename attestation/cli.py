@@ -354,6 +354,9 @@ def simulate(**kwargs: Any) -> None:
     """
     from attestation import _verify_cli as impl
 
+    for flag, path in (("--out", kwargs["out"]), ("--policy-out", kwargs["policy_out"])):
+        if path is not None and not path.parent.is_dir():
+            raise click.BadParameter(f"{path.parent} is not a directory", param_hint=flag)
     outcome = _guard(
         kwargs["platform"], lambda checks, outcome: impl.run_simulate(**kwargs, outcome=outcome)
     )

@@ -120,3 +120,6 @@ def test_simulate_refuses_bad_input(tmp_path: Path) -> None:
     assert run.exit_code == 3
     assert not out.exists()
     assert u.invoke("attest", "simulate", "--out", out).exit_code == 2  # --nonce is required
+    nowhere = tmp_path / "no-such-dir" / "evidence.json"
+    run = u.invoke("attest", "simulate", "--nonce", NONCE, "--out", nowhere)
+    assert run.exit_code == 2 and "no-such-dir" in run.stderr  # usage: a path, named
