@@ -189,6 +189,32 @@ def test_vtpm_agent_is_verified_and_its_runtime_measurements_replay(
 
 
 @pytest.mark.slow
+def test_a_failed_runtime_measurement_is_a_refusal_to_serve(
+    tmp_path: Path,
+    model: ModelDir,
+    issuer: TokenIssuer,
+    swtpm: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unmeasured, the agent would attest a TPM state that names neither its model nor its
+    configuration: it refuses to start, with one line, not a traceback."""
+    import asyncio
+
+    from agent import server
+    from agent.measure import MeasurementError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise MeasurementError("cannot extend PCR 15 with the model digest: the TPM said no")
+
+    monkeypatch.setattr(server, "measure_runtime", broken)
+    config = base_config(
+        model, issuer.write_jwks(tmp_path / "jwks.json"), tee="none", tpm=swtpm, tpm_pcrs=(0, 15)
+    )
+    with pytest.raises(StartupError, match="refusing to serve: cannot extend PCR 15"):
+        asyncio.run(prepare(config))
+
+
+@pytest.mark.slow
 def test_simulated_tee_with_a_vtpm_binds_both(start_agent: StartAgent, swtpm: str) -> None:
     agent = start_agent({"tee": "sim-tdx", "tpm": swtpm})
     client = AttestingClient(agent.host, agent.port)
