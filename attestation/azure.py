@@ -253,7 +253,8 @@ def verify_hcl_binding(hcl: HclReport, report_data: bytes, *, checks: Checks | N
     """Require ``report_data`` (the hardware report's, 64 bytes) to start with H(runtime data).
 
     ``H`` is the report's hash type (SHA-256 on every Azure VM seen so far, binding
-    ``report_data[:32]``). Raises :class:`BindingError` when it does not.
+    ``report_data[:32]``); the bytes after it must be zero. Raises :class:`BindingError` when
+    either does not hold.
     """
     checks = Checks() if checks is None else checks
     checks.require(
@@ -271,4 +272,13 @@ def verify_hcl_binding(hcl: HclReport, report_data: bytes, *, checks: Checks | N
         bytes(report_data[: len(digest)]),
         BindingError,
         f"report_data[0:{len(digest)}] is not {hcl.hash_type}(HCL runtime data)",
+    )
+    # The HCL zero-fills the rest (every Azure report seen); anything else there is data no
+    # one vouches for, so refuse it rather than let a reader take it for bound.
+    checks.equal(
+        "hcl.report_data_padding",
+        bytes(64 - len(digest)),
+        bytes(report_data[len(digest) :]),
+        BindingError,
+        f"report_data[{len(digest)}:64] is not zero after the {hcl.hash_type} of HCL runtime data",
     )

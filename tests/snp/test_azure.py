@@ -81,7 +81,10 @@ def test_binding_holds_for_every_vector(v: dict[str, Any]) -> None:
     hcl = parse_hcl_report(vectors.file_of(v, "hcl"))
     checks = Checks()
     verify_hcl_binding(hcl, _report_data(hcl), checks=checks)
-    assert [c.name for c in checks if c.passed][-1] == "hcl.runtime_data_binding"
+    assert [c.name for c in checks if c.passed][-2:] == [
+        "hcl.runtime_data_binding",
+        "hcl.report_data_padding",
+    ]
     assert hashlib.sha256(hcl.runtime_data).digest() == _report_data(hcl)[:32]
 
 
@@ -97,8 +100,11 @@ def test_binding_refuses_other_report_data() -> None:
     for bad in (bytes(64), good[:31] + bytes([good[31] ^ 1]) + good[32:]):
         with pytest.raises(BindingError):
             verify_hcl_binding(hcl, bad)
-    # Only the first 32 bytes are bound (SHA-256).
-    verify_hcl_binding(hcl, good[:32] + b"\xff" * 32)
+    # The rest is zero on every real report; anything else there is refused, not ignored.
+    with pytest.raises(BindingError, match=r"report_data\[32:64\] is not zero"):
+        verify_hcl_binding(hcl, good[:32] + b"\xff" * 32)
+    with pytest.raises(BindingError):
+        verify_hcl_binding(hcl, good[:63] + b"\x01")
     with pytest.raises(MalformedError):
         verify_hcl_binding(hcl, good[:32])
 
