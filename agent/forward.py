@@ -54,7 +54,7 @@ from agent.app import CONFIG
 from agent.config import AgentConfig
 from agent.metrics import METRICS, AgentMetrics
 from agent.principal import PRINCIPAL, Principal
-from cube_client.e2e import split_records
+from cube_client.e2e import SSE_DONE, split_records
 
 __all__ = [
     "BACKEND",
@@ -835,7 +835,6 @@ def _asks_for_usage(data: Mapping[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-_SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
 _NO_CHOICES: Final = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
@@ -848,7 +847,7 @@ def _usage_records(out: bytes, last_usage: tuple[object, object] | None, *, stri
     for record in split_records(out, "sse"):
         if strip and _NO_CHOICES.search(record) and _is_usage_chunk(record):
             continue
-        if last_usage is not None and _SSE_DONE.search(record):
+        if last_usage is not None and SSE_DONE.search(record):
             prompt, completion = last_usage
             counts = {
                 k: v

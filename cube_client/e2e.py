@@ -46,6 +46,7 @@ __all__ = [
     "HPKE_SUITE",
     "MAGIC",
     "MODEL_HEADER",
+    "SSE_DONE",
     "SSE_EVENT",
     "USAGE_EVENT",
     "USAGE_HEADER",
@@ -476,13 +477,15 @@ def split_records(data: bytes, framing: Framing) -> Iterator[bytes]:
         yield data[start:]
 
 
-_SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
+#: An SSE record that is OpenAI's end marker, ``data: [DONE]`` (the agent's usage note goes
+#: just before it).
+SSE_DONE: Final = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
 _NDJSON_DONE: Final = re.compile(rb'"done"\s*:\s*true')
 
 
 def is_last_event(plaintext: bytes) -> bool:
     """Whether a backend's record ends its stream (OpenAI's ``[DONE]``, Ollama's ``done``)."""
-    return _SSE_DONE.search(plaintext) is not None or _NDJSON_DONE.search(plaintext) is not None
+    return SSE_DONE.search(plaintext) is not None or _NDJSON_DONE.search(plaintext) is not None
 
 
 class StreamDecoder:
