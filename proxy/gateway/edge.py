@@ -197,12 +197,20 @@ class _Connection(asyncio.Protocol):
         self.paused_writing = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
+        if self.task is None and self.transport is not None:
+            asyncio.get_running_loop().call_soon(self._next)  # held back while writes were
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         if self.task is None:
             self._next()
-        elif len(self.buffer) > _MAX_BUFFERED and self.transport is not None:
+        # Bounded whatever the client does: pipelining requests without reading the answers
+        # fills the buffer, and then nothing more is read until requests are taken from it.
+        if (
+            len(self.buffer) > _MAX_BUFFERED
+            and not self.reading_paused
+            and self.transport is not None
+        ):
             self.transport.pause_reading()
             self.reading_paused = True
 
@@ -217,7 +225,9 @@ class _Connection(asyncio.Protocol):
         """Start the next complete request in the buffer (or hand the connection over)."""
         if self.transport is None or self.task is not None:
             return
-        if self.reading_paused:
+        if self.paused_writing:
+            return  # the client is not reading its answers: no new one until it does
+        if self.reading_paused and len(self.buffer) <= _MAX_BUFFERED:
             self.transport.resume_reading()
             self.reading_paused = False
         if self.closing:
@@ -333,6 +343,9 @@ class _Connection(asyncio.Protocol):
         if transport is None:
             return
         self.site.connections.discard(self)
+        if self.reading_paused:
+            transport.resume_reading()  # aiohttp's handler does its own flow control
+            self.reading_paused = False
         handler = self.site.aiohttp_server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -668,6 +681,12 @@ class EdgeSite(web.TCPSite):
             for conn in list(self.connections):
                 if conn.task is not None:
                     continue  # answering
+                if conn.paused_writing and now - conn.last_active > HEAD_TIMEOUT_SECONDS:
+                    # Answers it does not read, requests waiting behind them: a client gone
+                    # quiet, whose unsent bytes close() would wait for.
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                    continue
                 started = conn.head_started
                 if (started is not None and now - started > HEAD_TIMEOUT_SECONDS) or (
                     started is None

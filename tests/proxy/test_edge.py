@@ -487,3 +487,54 @@ def test_an_oversized_or_tabbed_head_goes_to_aiohttp_even_pipelined(
     line, headers, _ = tabbed.response()
     assert line.split(" ")[1] == "400", line
     assert "x-cube-agent" not in headers  # refused here, not forwarded for the agent to refuse
+
+
+def test_a_client_that_never_reads_cannot_fill_the_proxys_memory(
+    directory: FakeDirectory, proxy: ProxyFactory
+) -> None:
+    """Anonymous pipelined requests whose answers are never read: the proxy stops reading once
+    its buffers are full (1 MiB of requests, the transport's write limit of answers). Before,
+    each answer resumed reading whatever was buffered: hundreds of MB in seconds."""
+    directory.add_domain("acme")
+    server = proxy()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    batch = b"GET /acme/v1/models HTTP/1.1\r\nHost: p\r\n\r\n" * 2000
+    sent = 0
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 5:
+            try:
+                sent += sock.send(batch)
+            except BlockingIOError:
+                time.sleep(0.01)
+    finally:
+        sock.close()
+    # What the two sockets' kernel buffers hold, plus the proxy's bounded buffers.
+    assert sent < 24 * 1024 * 1024, f"the proxy took {sent / 2**20:.0f} MiB"
+
+
+def test_pipelined_requests_past_the_buffer_are_all_answered_once_the_client_reads(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, wire_for
+) -> None:  # type: ignore[no-untyped-def]
+    """Reading pauses while 1 MiB of requests wait and while answers go unread; it resumes, and
+    every request is answered in order, once the client takes its answers."""
+    dom = one_domain(directory, agents)
+    wire = wire_for(proxy())
+    pad = "x" * 8000
+    count = 400  # ~3.2 MB: three times what the proxy buffers
+    requests = b"".join(
+        f"GET /{dom.alias}/v1/models HTTP/1.1\r\nHost: p\r\nX-Pad: {pad}\r\n"
+        f"X-Request-Id: req-{i:05d}\r\n\r\n".encode()
+        for i in range(count)
+    )
+    import threading
+
+    sender = threading.Thread(target=wire.send, args=(requests,))
+    sender.start()
+    time.sleep(1)  # the client reads nothing meanwhile
+    ids = [wire.response()[1]["x-request-id"] for _ in range(count)]
+    sender.join(10)
+    assert ids == [f"req-{i:05d}" for i in range(count)]
