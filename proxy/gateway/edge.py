@@ -535,7 +535,7 @@ class _Connection(asyncio.Protocol):
                 scanner.feed(chunk)
                 if transport.is_closing():
                     client_gone(ex)
-                    ex.usage = scanner.finish()
+                    ex.usage = scanner.cut()
                     return None
                 end = not ex.delivered and stream_ended(chunk, sealed=sealed)
                 out.add(b"%x\r\n%b\r\n" % (len(chunk), chunk), last_event=end)
@@ -546,7 +546,7 @@ class _Connection(asyncio.Protocol):
                         await self._drain()
                     except ConnectionError:
                         client_gone(ex)
-                        ex.usage = scanner.finish()
+                        ex.usage = scanner.cut()
                         return None
         except UpstreamError:
             # The agent went away mid-stream: end the client's connection without a clean end
@@ -554,9 +554,16 @@ class _Connection(asyncio.Protocol):
             out.flush()
             ex.status = 502
             ex.detail = "agent disconnected mid-stream"
-            ex.usage = scanner.finish()  # whatever counts arrived are charged
+            ex.usage = scanner.cut()  # whatever counts arrived are charged
             transport.abort()
             return None
+        except asyncio.CancelledError:
+            ex.usage = scanner.cut()  # the client left: what it was sent is charged
+            raise
+        except Exception:
+            ex.status = 500  # _serve aborts the connection (the head is out)
+            ex.usage = scanner.cut()
+            raise
         ex.usage = scanner.finish()
         if gw.settings.durable_audit:
             # The stream's clean end is withheld until its audit row is committed.

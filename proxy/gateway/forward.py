@@ -517,7 +517,7 @@ async def _relay(
                 if not ex.delivered:
                     ex.status = _STATUS_CLIENT_CLOSED
                     ex.detail = "client disconnected"
-                ex.usage = scanner.finish()
+                ex.usage = scanner.cut()
                 return response
             if not ex.delivered and stream_ended(chunk, sealed=sealed):
                 ex.delivered = True
@@ -527,10 +527,21 @@ async def _relay(
         # stream, so it cannot take a truncated answer for a complete one.
         ex.status = 502
         ex.detail = "agent disconnected mid-stream"
-        ex.usage = scanner.finish()  # whatever counts arrived are charged
+        ex.usage = scanner.cut()  # whatever counts arrived are charged
         if request.transport is not None:
             request.transport.abort()
         return response
+    except asyncio.CancelledError:
+        ex.usage = scanner.cut()  # the client left: what it was sent is charged
+        raise
+    except Exception:
+        # The head went out: a 500 written now would land inside the stream (and end it
+        # cleanly); the client must see a cut instead.
+        ex.status = 500
+        ex.usage = scanner.cut()
+        if request.transport is not None:
+            request.transport.abort()
+        raise
     ex.usage = scanner.finish()
     if gw.settings.durable_audit:
         # The stream's clean end is withheld until its audit row is committed.
@@ -652,12 +663,19 @@ def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Futu
         evidence_digest=ex.trust.evidence_digest if ex.trust is not None else None,
         backend_id=ex.agent.id if ex.agent is not None else None,
         token_id=caller.token_id,
-        detail=ex.detail,
+        detail=_with_estimate(ex.detail, usage),
     )
     if gw.settings.durable_audit:
         return gw.writer.audit_durably(row)
     gw.writer.audit(row)
     return None
+
+
+def _with_estimate(detail: str | None, usage: Usage | None) -> str | None:
+    if usage is None or not usage.estimated:
+        return detail
+    note = "completion tokens counted from the records relayed (the stream ended before its usage)"
+    return note if detail is None else f"{detail}; {note}"
 
 
 async def _durably(

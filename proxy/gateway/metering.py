@@ -10,6 +10,11 @@ body, or in a stream's last records; the last one counts, as vLLM may repeat it 
 Ollama's carry ``prompt_eval_count`` and ``eval_count`` in the final object. A ``"usage"`` inside
 generated text cannot match: JSON escapes its quotes.
 
+A stream that ends before its counts arrive (the client leaves, the agent dies) is charged
+one completion token per record relayed (SSE ``data:`` lines, NDJSON objects; about one token
+each), its audit row saying so: a client cannot read a whole answer and close just before the
+usage to escape token limits.
+
 End-to-end encrypted answers (docs/e2e-encryption.md) are opaque, so the agent reports their
 token counts in plaintext: a whole answer in the response header
 ``Cube-Usage: prompt_tokens=<n>, completion_tokens=<n>`` (:func:`parse_usage_header`; it wins
@@ -66,6 +71,8 @@ _DECODER: Final = json.JSONDecoder()
 USAGE_HEADER: Final = "Cube-Usage"
 _USAGE_EVENT: Final = b"cube-usage"
 _USAGE_COMMENT: Final = b": cube-usage "
+#: The start of a stream record: an SSE data line, or an NDJSON object.
+_RECORD_START: Final = re.compile(rb"^(?:data:|\{)", re.M)
 _USAGE_PAIR: Final = re.compile(r"\s*(prompt_tokens|completion_tokens)\s*=\s*(\d{1,12})\s*")
 
 
@@ -73,6 +80,9 @@ _USAGE_PAIR: Final = re.compile(r"\s*(prompt_tokens|completion_tokens)\s*=\s*(\d
 class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: The completion count is the number of records relayed, not the backend's own count (a
+    #: stream cut before its usage arrived).
+    estimated: bool = False
 
     @property
     def known(self) -> bool:
@@ -106,12 +116,14 @@ def parse_usage_header(value: str) -> Usage | None:
 class UsageScanner:
     """Finds usage in a whole body (:meth:`whole`) or a stream (:meth:`feed` + :meth:`finish`)."""
 
-    __slots__ = ("_carry", "_in_usage_event", "usage")
+    __slots__ = ("_carry", "_in_usage_event", "records", "usage")
 
     def __init__(self) -> None:
         self.usage = Usage()
         self._carry = b""
         self._in_usage_event = False
+        #: SSE ``data:`` lines and NDJSON objects relayed so far: about one token each.
+        self.records = 0
 
     def whole(self, body: bytes) -> Usage:
         self._scan(body)
@@ -126,13 +138,25 @@ class UsageScanner:
         self._carry = data[cut + 1 :]
         if len(self._carry) > _CARRY_LIMIT:
             self._carry = b""
-        self._scan(data[: cut + 1])
+        complete = data[: cut + 1]
+        self.records += len(_RECORD_START.findall(complete))
+        self._scan(complete)
 
     def finish(self) -> Usage:
         if self._carry:
             self._scan(self._carry)
             self._carry = b""
         return self.usage
+
+    def cut(self) -> Usage:
+        """The usage of a stream that ended early (the client left, the agent died): the
+        backend's counts if they arrived, else as many completion tokens as records were
+        relayed — so a client cannot take a whole answer and leave just before its counts to
+        escape token limits."""
+        usage = self.finish()
+        if usage.completion_tokens is None and self.records:
+            return Usage(usage.prompt_tokens, self.records, estimated=True)
+        return usage
 
     def _scan(self, data: bytes) -> None:
         if self._in_usage_event or _USAGE_EVENT in data:

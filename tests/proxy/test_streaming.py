@@ -113,7 +113,42 @@ def test_client_disconnect_stops_the_backend(
         time.sleep(0.05)
         server.flush()
     (row,) = [r for r in directory.audits if r.event == "request"]
-    assert row.status == 499 and row.detail == "client disconnected"
+    assert row.status == 499
+    # What it was sent is charged, counted from the records relayed (the usage never came).
+    assert row.detail is not None and row.detail.startswith("client disconnected; completion")
+    assert row.prompt_tokens is None and row.completion_tokens is not None
+    assert row.completion_tokens >= 1
+    assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [
+        (0, row.completion_tokens)
+    ]
+
+
+def test_a_client_leaving_just_before_the_usage_is_charged_for_what_it_read(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    """A client that reads the whole answer and closes at ``finish_reason`` — before the
+    usage and ``[DONE]`` — is charged one completion token per record relayed, so leaving
+    early does not escape token limits (it was charged nothing)."""
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.tokens = ["tok"] * 40
+    fake_openai.delay = 0.02
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
+    contents = 0
+    for event in sse_events(response):
+        if event.startswith(b"data: {") and (choices := json.loads(event[6:])["choices"]):
+            contents += "content" in choices[0]["delta"]
+            if choices[0]["finish_reason"] == "stop":
+                break
+    conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    conn.close()
+    assert contents >= 40
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not directory.usage:
+        time.sleep(0.05)
+        server.flush()
+    (usage,) = directory.usage
+    assert 40 <= usage["completion_tokens"] <= 43  # the role and finish records count too
 
 
 def test_a_client_closing_after_the_last_event_got_the_whole_answer(
@@ -300,3 +335,55 @@ def test_the_end_of_a_sealed_stream_is_recognised(framing: str) -> None:
     assert not stream_ended(b"data: [DONE]\n\n", sealed=True)
     assert stream_ended(b"data: [DONE]\n\n", sealed=False)
     assert not stream_ended(b"event: cube-e2e\ndata: !!notbase64\n\n", sealed=True)
+
+
+@pytest.mark.parametrize("path", ["fast", "aiohttp"])
+def test_an_error_after_the_stream_head_cuts_the_stream(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """Once a stream's head is out, a failure in the proxy cuts the connection: no 500 written
+    into the stream, no clean chunked end (aiohttp's path did both), and the row says 500."""
+    fed = 0
+    real_feed = UsageScanner.feed
+
+    def failing_feed(self: UsageScanner, chunk: bytes) -> None:
+        nonlocal fed
+        fed += 1
+        if fed == 3:
+            raise RuntimeError("injected")
+        real_feed(self, chunk)
+
+    monkeypatch.setattr(UsageScanner, "feed", failing_feed)
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.tokens = ["tok"] * 10
+    fake_openai.delay = 0.02
+    body = json.dumps(CHAT).encode()
+    framing = (
+        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        if path == "fast"  # a chunked request body is aiohttp's to read
+        else b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(
+        f"POST /{dom.alias}/v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+        f"Authorization: Bearer {dom.pat}\r\nContent-Type: application/json\r\n".encode()
+        + framing
+    )
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 200 OK") and received.count(b"HTTP/1.1 ") == 1
+    assert b"data: " in received and not received.endswith(b"0\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not directory.audits:
+        time.sleep(0.05)
+        server.flush()
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert row.status == 500
