@@ -17,7 +17,9 @@ kind (an agent), HTTP/1.1, requests the proxy builds itself — so this client d
   read whole (:meth:`UpstreamResponse.read`) or as they arrive (:meth:`UpstreamResponse.chunks`);
 - a request that fails on a *reused* connection before any response byte arrived (the agent
   closed it while idle) raises :class:`StaleConnection`, so the caller may retry it once on a
-  fresh connection; failures to connect raise :class:`ConnectFailed` (safe to fail over).
+  fresh connection — a GET, or a POST none of whose bytes the socket took; a POST the agent
+  may have read is an :class:`UpstreamError`, never sent twice; failures to connect raise
+  :class:`ConnectFailed` (safe to fail over).
 
 How the bytes move, and why: each connection is a **non-blocking** :class:`ssl.SSLSocket`
 registered with the running loop through ``add_reader``/``add_writer`` (any loop: uvloop in
@@ -185,7 +187,11 @@ async def _open_tls(loop: asyncio.AbstractEventLoop, host: str, port: int) -> ss
     if raw is None:
         raise error
     try:
-        sock = _TLS.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
+        # A TCP close without TLS's close_notify is an error, not an end of stream: otherwise
+        # an answer framed by the connection's end could be cut short and look complete.
+        sock = _TLS.wrap_socket(
+            raw, server_hostname=host, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
     except BaseException:
         raw.close()
         raise
@@ -227,6 +233,7 @@ class _Connection:
         "idle",
         "idle_since",
         "reused",
+        "wrote",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
@@ -245,6 +252,9 @@ class _Connection:
         self._closed = False
         self.idle = False
         self.reused = False
+        #: Whether the socket took any byte of the current request (then the agent may have
+        #: read it, and a POST must not be sent again).
+        self.wrote = False
         self.idle_since = 0.0
         loop.add_reader(self._fd, self._on_readable)
         self._reading = True
@@ -425,6 +435,7 @@ class _Connection:
                 # below is recomputed identically from the unchanged queue head.
                 piece = head if len(head) <= _SEND_SIZE else memoryview(head)[:_SEND_SIZE]
                 sent = sock.send(piece)
+                self.wrote = True
                 if sent >= len(head):
                     out.popleft()
                 else:
@@ -687,6 +698,7 @@ class UpstreamPool:
         conn = None if fresh else self._take(key)
         if conn is None:
             conn = await self._connect(host, port, pin)
+        conn.wrote = False
         try:
             if body and len(body) <= _RECV_SIZE:
                 conn.write(data + body)  # one TLS record for a small request
@@ -696,8 +708,11 @@ class UpstreamPool:
                     conn.write(body)
             head_bytes = await conn.readuntil(b"\r\n\r\n", _READ_LIMIT)
         except _Closed as exc:
-            # Stale: a reused connection that ended before a single byte of an answer.
-            stale = conn.reused and not conn._buf
+            # Stale: a reused connection that ended before a single byte of an answer, and
+            # the request cannot have been acted on twice if sent again — nothing of it left
+            # (the agent had hung up first), or it is a GET. A POST the agent may have read
+            # (it closed after taking it) is an error, never sent twice (RFC 9110, 9.2.2).
+            stale = conn.reused and not conn._buf and (not conn.wrote or method == "GET")
             conn.close()
             if stale:
                 raise StaleConnection("the agent closed an idle connection") from None
@@ -730,6 +745,11 @@ def _parse_head(
     except ValueError:
         conn.close()
         raise UpstreamError("the agent's answer is not HTTP/1.1") from None
+    if status < 200:
+        # Nothing here asks for one (no Expect, no Upgrade); relayed as the answer, the real
+        # one would follow on the connection and reach the next request.
+        conn.close()
+        raise UpstreamError(f"the agent sent an interim {status} answer, which was not asked for")
     if len(raw_headers) > _MAX_HEAD:
         conn.close()
         raise UpstreamError("the agent's answer headers are too large")
@@ -745,7 +765,7 @@ def _parse_head(
     keep_alive = version == "HTTP/1.1" and "close" not in headers.get("Connection", "").lower()
     framing = "close"
     remaining = 0
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if method == "HEAD" or status in (204, 304):
         framing = "none"
     elif "chunked" in headers.get("Transfer-Encoding", "").lower():
         framing = "chunked"

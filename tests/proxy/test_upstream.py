@@ -198,6 +198,8 @@ def test_stale_and_failed_connections_are_told_apart() -> None:
         b"HTTP/1.1 200 OK\r\n bad header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        # An interim answer nothing asked for (its final answer would reach the next request).
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     ],
 )
 def test_malformed_answers_are_errors(answer: bytes) -> None:
@@ -517,3 +519,58 @@ def test_an_answer_past_the_limit_is_refused_and_a_huge_chunk_streams_in_slices(
 
     server: Server
     run(with_server())
+
+
+def test_a_post_the_agent_may_have_read_is_never_sent_twice() -> None:
+    """An agent that reads a POST on a kept-alive connection and hangs up unanswered may have
+    acted on it: that is an error for the caller, not a stale connection to retry (the
+    retry sent it twice). A GET in the same place stays retryable."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # the second request: read, then hang up unanswered
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            for method, expected in (("POST", UpstreamError), ("GET", StaleConnection)):
+                first = await pool.request(server.origin, PIN, method=method, target="/a")
+                assert await first.read(_LIMIT) == b"ok"
+                first.release()
+                with pytest.raises(UpstreamError) as failed:
+                    await pool.request(server.origin, PIN, method=method, target="/b", body=b"{}")
+                assert type(failed.value) is expected, method
+            await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "ragged"])
+def test_an_answer_framed_by_the_close_ends_only_with_tls_close_notify(ending: str) -> None:
+    """A body that runs to the connection's end is whole only if TLS says so: a bare TCP close
+    (no close_notify) may be an attacker cutting it, so it is an error, not a clean end."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+        await writer.drain()
+        if ending == "ragged":
+            writer.transport.abort()  # TCP FIN/RST without TLS close_notify
+        else:
+            writer.close()
+            await writer.wait_closed()
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pool = UpstreamPool(connect_timeout=5, keepalive=30)
+            response = await pool.request(server.origin, PIN, method="GET", target="/")
+            if ending == "ragged":
+                with pytest.raises(UpstreamError):
+                    await response.read(_LIMIT)
+            else:
+                assert await response.read(_LIMIT) == b"partial"
+            await pool.close()
+
+    run(main())
