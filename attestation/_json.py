@@ -16,16 +16,48 @@ __all__ = [
     "decode_b64",
     "decode_hex",
     "loads_object",
+    "lone_surrogate",
+    "refuse_lone_surrogates",
+    "refuse_nulls",
 ]
 
 T = TypeVar("T")
 
 _MAX_DOCUMENT = 4 * 1024 * 1024
 _HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: A JSON escape of a UTF-16 surrogate: the only way decoded JSON can hold a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def lone_surrogate(value: object, *, text: str | None = None) -> str | None:
+    """Where decoded JSON ``value`` holds a lone UTF-16 surrogate, or None.
+
+    JSON's ``"\\ud800"`` escape decodes to a str that cannot be encoded as UTF-8, so it would
+    fail later wherever the string is encoded (signed collateral bytes, a database, a
+    terminal). The answer names the member: ``tcb_info``, ``keys[0].kid``, ``a key in x``.
+    ``text``, the JSON it came from, lets the usual document skip the walk.
+    """
+    if text is not None and not _SURROGATE_ESCAPE.search(text):
+        return None  # no escape that could produce one
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return where or "the document"
+        elif isinstance(item, Mapping):
+            for key, member in item.items():
+                if _SURROGATE.search(key):
+                    return f"a key in {where or 'the document'}"
+                stack.append((f"{where}.{key}" if where else key, member))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", member) for i, member in enumerate(item))
+    return None
 
 
 def loads_object(
@@ -44,15 +76,14 @@ def loads_object(
         return out
 
     try:
-        value = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        text = data.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{what}: not valid JSON ({exc})") from exc
     if not isinstance(value, dict):
         raise error(f"{what}: expected a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        refuse_lone_surrogates(value, what, error)
     return value
 
 
@@ -175,6 +206,13 @@ class ObjectReader:
         unknown = sorted(set(self._obj) - self._seen)
         if unknown:
             raise self.error(f"{self.what}: unknown key(s) {', '.join(map(repr, unknown))}")
+
+
+def refuse_lone_surrogates(obj: object, what: str, error: type[AttestationError]) -> None:
+    """Refuse a string anywhere in ``obj`` that is not encodable text (see lone_surrogate)."""
+    surrogate = lone_surrogate(obj)
+    if surrogate is not None:
+        raise error(f"{what}: {surrogate}: a lone UTF-16 surrogate escape is not valid text")
 
 
 def refuse_nulls(obj: object, what: str, error: type[AttestationError]) -> None:

@@ -33,6 +33,7 @@ from attestation.errors import (
 )
 
 __all__ = [
+    "MAX_CRL_SIZE",
     "Certificate",
     "Extension",
     "SignatureAlgorithm",
@@ -44,6 +45,10 @@ __all__ = [
     "verify_issued_by",
     "verify_signature",
 ]
+
+#: The largest CRL (DER) read. Real AMD and Intel CRLs are a few KB (the vectors' are 0.3 and
+#: 2.6 KB); 1 MiB holds tens of thousands of entries and bounds what a hostile one costs.
+MAX_CRL_SIZE = 1024 * 1024
 
 _NAME_OIDS = {
     "2.5.4.3": "CN",

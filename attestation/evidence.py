@@ -118,7 +118,8 @@ def certificate_window(der: bytes) -> tuple[datetime, datetime]:
 
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+    # An unknown version is x509.InvalidVersion, which is not a ValueError.
+    except (ValueError, x509.InvalidVersion):
         raise MalformedError("the TLS certificate is not a valid X.509 certificate") from None
     return cert.not_valid_before_utc, cert.not_valid_after_utc
 

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from attestation._json import ObjectReader, loads_object, refuse_nulls
+from attestation._json import ObjectReader, loads_object, refuse_lone_surrogates, refuse_nulls
 from attestation.errors import InvalidPolicyError
 from attestation.snp import SnpPolicy
 from attestation.tdx import TdxPolicy
@@ -84,6 +84,9 @@ class Policy:
     def from_json(cls, obj: object) -> Policy:
         r = ObjectReader(obj, what="policy", error=InvalidPolicyError)
         refuse_nulls(obj, "policy", InvalidPolicyError)
+        # A policy may come as a dict decoded by someone else (the proxy's API); its strings
+        # are stored and printed, so a lone surrogate is refused here, not where it would crash.
+        refuse_lone_surrogates(obj, "policy", InvalidPolicyError)
         fmt = r.string("format", required=True)
         if fmt != POLICY_FORMAT:
             raise InvalidPolicyError(f"policy.format: expected {POLICY_FORMAT!r}, got {fmt!r}")

@@ -54,6 +54,8 @@ FULL: dict[str, Any] = {
         "id_key_digests": ["9a" * 48],
         "author_key_digests": ["bc" * 48],
         "min_guest_svn": 2,
+        "allow_smt": False,
+        "require_single_socket": True,
     },
     "tdx": {
         "mr_td": [H48],
@@ -246,6 +248,23 @@ def test_not_a_policy_object(obj: object) -> None:
 def test_load_policy_refuses_bad_json(data: bytes) -> None:
     with pytest.raises(InvalidPolicyError):
         load_policy(data)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("description", "policy \ud800"),
+        ("agent_versions", ["0.1.0", "\udfff"]),
+        ("sev_snp.products", ["Milan\ud800"]),
+    ],
+)
+def test_lone_surrogates_are_refused_and_named(path: str, value: object) -> None:
+    # Valid JSON ("\ud800" escaped) but no text: storing or printing the policy would fail.
+    doc = with_change(path, value)
+    data = json.dumps(doc).encode()  # ASCII, with the surrogate escaped
+    for read in (lambda: load_policy(data), lambda: Policy.from_json(doc)):
+        with pytest.raises(InvalidPolicyError, match=f"{path}.*lone UTF-16 surrogate"):
+            read()
 
 
 def test_load_policy_from_files(tmp_path: Path) -> None:

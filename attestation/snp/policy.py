@@ -78,6 +78,10 @@ class SnpPolicy:
     id_key_digests: tuple[bytes, ...] | None = None
     author_key_digests: tuple[bytes, ...] | None = None
     min_guest_svn: int | None = None
+    #: False: the guest policy must forbid SMT on the host (bit 16 clear).
+    allow_smt: bool = True
+    #: True: the guest policy must confine the guest to one socket (bit 20 set).
+    require_single_socket: bool = False
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
@@ -119,6 +123,8 @@ class SnpPolicy:
             id_key_digests=_hex_list(reader, "id_key_digests", 48),
             author_key_digests=_hex_list(reader, "author_key_digests", 48),
             min_guest_svn=_int_in_range(reader, "min_guest_svn", _U32_MAX),
+            allow_smt=reader.boolean("allow_smt", True),
+            require_single_socket=reader.boolean("require_single_socket", False),
         )
         reader.finish()
         return policy
@@ -149,6 +155,11 @@ class SnpPolicy:
         hex_list("author_key_digests", self.author_key_digests)
         if self.min_guest_svn is not None:
             out["min_guest_svn"] = self.min_guest_svn
+        # Written only when they check something, so older verifiers still read the policy.
+        if not self.allow_smt:
+            out["allow_smt"] = False
+        if self.require_single_socket:
+            out["require_single_socket"] = True
         return out
 
 
@@ -195,6 +206,22 @@ def validate_report(
         "guest policy allows a migration agent (bit 18)",
         expected="migration agent disallowed" if not policy.allow_migration_agent else "any",
         actual=f"policy {report.policy:#x} (migrate_ma={guest.migrate_ma})",
+    )
+    checks.require(
+        policy.allow_smt or not guest.smt,
+        "snp.policy.smt",
+        PolicyError,
+        "guest policy allows SMT on the host (bit 16) and the policy requires it disallowed",
+        expected="SMT disallowed" if not policy.allow_smt else "any",
+        actual=f"policy {report.policy:#x} (smt={guest.smt})",
+    )
+    checks.require(
+        not policy.require_single_socket or guest.single_socket,
+        "snp.policy.single_socket",
+        PolicyError,
+        "guest policy does not confine the guest to one socket (bit 20) and the policy requires it",
+        expected="single socket" if policy.require_single_socket else "any",
+        actual=f"policy {report.policy:#x} (single_socket={guest.single_socket})",
     )
     if policy.vmpls is None:
         checks.ok("snp.policy.vmpl", actual=report.vmpl, detail="any VMPL accepted")

@@ -45,6 +45,9 @@ POLICY_RESERVED_ONE: Final = 1 << 17  # the ABI says this bit must be one
 POLICY_MIGRATE_MA: Final = 1 << 18
 POLICY_DEBUG: Final = 1 << 19
 POLICY_SINGLE_SOCKET: Final = 1 << 20
+# Bits 21..25 (CXL_ALLOW, MEM_AES_256_XTS, RAPL_DIS, CIPHERTEXT_HIDING, PAGE_SWAP_DISABLE) are
+# defined by later ABI revisions (up to 1.58); 63:26 are reserved, must be zero.
+POLICY_RESERVED_ZERO: Final = 0xFFFF_FFFF_FFFF_FFFF & ~((1 << 26) - 1)
 
 TcbLayout = Literal["pre-turin", "turin"]
 
@@ -376,6 +379,8 @@ def parse_report(data: bytes) -> SnpReport:
         )
     if not policy & POLICY_RESERVED_ONE:
         raise MalformedError("SNP report: guest policy bit 17 is reserved and must be one")
+    if policy & POLICY_RESERVED_ZERO:
+        raise MalformedError(f"SNP report: reserved guest policy bits 63:26 are set ({policy:#x})")
     if vmpl > 3:
         raise MalformedError(f"SNP report: VMPL {vmpl} is out of range 0..3")
     if flags >> 5:

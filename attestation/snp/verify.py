@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_der_publ
 from attestation import _der
 from attestation._checks import Checks
 from attestation._x509 import (
+    MAX_CRL_SIZE,
     Certificate,
     SignatureAlgorithm,
     _algorithm,
@@ -312,8 +313,15 @@ class _ParsedCrl:
     revoked: frozenset[int]
 
 
+#: What ``cryptography`` raises for a CRL it cannot read: not only ValueError (an unknown CRL
+#: version is x509.InvalidVersion, an unknown algorithm UnsupportedAlgorithm).
+_CRL_ERRORS = (ValueError, x509.InvalidVersion, UnsupportedAlgorithm)
+
+
 @functools.lru_cache(maxsize=32)
 def _parse_crl(data: bytes) -> _ParsedCrl:
+    if len(data) > MAX_CRL_SIZE:
+        raise MalformedError(f"CRL: {len(data)} bytes, larger than {MAX_CRL_SIZE}")
     try:
         crl = (
             x509.load_pem_x509_crl(data)
@@ -321,8 +329,12 @@ def _parse_crl(data: bytes) -> _ParsedCrl:
             else x509.load_der_x509_crl(data)
         )
         der = crl.public_bytes(encoding=Encoding.DER)
-    except ValueError as exc:
-        raise MalformedError(f"CRL does not parse ({exc})") from exc
+        # Read everything cryptography may decode lazily inside the same guard.
+        this_update = crl.last_update_utc
+        next_update = crl.next_update_utc
+        revoked = frozenset(entry.serial_number for entry in crl)
+    except _CRL_ERRORS as exc:
+        raise MalformedError(f"CRL does not parse ({type(exc).__name__}: {exc})") from exc
     outer = _der.parse(der).expect(_der.SEQUENCE, "CertificateList").children()
     if len(outer) != 3:
         raise MalformedError("CRL: CertificateList must have three fields")
@@ -337,9 +349,9 @@ def _parse_crl(data: bytes) -> _ParsedCrl:
         algorithm=_algorithm(outer[1]),
         signature=outer[2].as_bits(),
         issuer_der=tbs[index + 1].raw,
-        this_update=crl.last_update_utc,
-        next_update=crl.next_update_utc,
-        revoked=frozenset(entry.serial_number for entry in crl),
+        this_update=this_update,
+        next_update=next_update,
+        revoked=revoked,
     )
 
 

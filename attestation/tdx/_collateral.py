@@ -29,7 +29,14 @@ from importlib import resources
 from typing import Self
 
 from attestation import _der
-from attestation._x509 import Certificate, Name, SignatureAlgorithm, load_certificate
+from attestation._json import lone_surrogate
+from attestation._x509 import (
+    MAX_CRL_SIZE,
+    Certificate,
+    Name,
+    SignatureAlgorithm,
+    load_certificate,
+)
 from attestation.errors import MalformedError
 from attestation.tdx._util import format_time, load_pem_chain, parse_hex, parse_time
 
@@ -139,9 +146,14 @@ def _text(data: bytes, what: str) -> str:
 
 def _loads(text: str, what: str) -> object:
     try:
-        return _DECODER.decode(text)
+        value = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise MalformedError(f"{what}: not valid JSON ({exc})") from exc
+    # The signed texts are re-encoded as UTF-8 to check their signatures.
+    surrogate = lone_surrogate(value, text=text)
+    if surrogate is not None:
+        raise MalformedError(f"{what}: {surrogate}: a lone UTF-16 surrogate escape is not text")
+    return value
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -562,6 +574,8 @@ def _lenient_serial(node: _der.Node) -> int:
 def parse_crl(data: bytes, *, what: str = "CRL") -> Crl:
     """Parse a CRL given as DER, PEM or hex-encoded DER (strict DER structure)."""
     der = _der_text_or_pem(data, what)
+    if len(der) > MAX_CRL_SIZE:
+        raise MalformedError(f"{what}: {len(der)} bytes, larger than {MAX_CRL_SIZE}")
     try:
         return _parse_crl_der(der)
     except MalformedError as exc:

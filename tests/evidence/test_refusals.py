@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from attestation import evidence
+from attestation import evidence, tdx
 from attestation.errors import (
     AttestationError,
     BindingError,
@@ -22,7 +22,7 @@ from attestation.errors import (
     TcbStatusError,
 )
 from attestation.policy import Policy
-from attestation.sim import SimulatedTdx, TdxPlatformTcb
+from attestation.sim import SimulatedSnp, SimulatedTdx, TdxPlatformTcb
 from tests.evidence import _util as e
 
 SNP_DOC = e.collect("configfs-snp")
@@ -413,7 +413,34 @@ def _set(path: str, value: object) -> Any:
 
 _DELETE = object()
 
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _crl_of_version_64() -> bytes:
+    crl = bytearray(SimulatedSnp().crl_der())
+    at = crl.index(b"\x02\x01\x01")  # TBSCertList version: v2
+    crl[at + 2] = 0x40
+    return bytes(crl)
+
+
+def _collateral_with_a_lone_surrogate() -> bytes:
+    collateral = json.loads(SimulatedTdx().collateral_json())
+    collateral["tcb_info"] += "\ud800"
+    return json.dumps(collateral).encode()  # valid JSON: the surrogate is escaped
+
+
+# Each of these once escaped verify_evidence as a non-AttestationError (the proxy answered 500).
+CRASHED_BEFORE = {
+    "tee-crl-unknown-version": _doc_edit(_set("tee.crl", _b64(_crl_of_version_64()))),
+    "tee-collateral-lone-surrogate": e.edit(
+        TDX_DOC, _set("tee.collateral", _b64(_collateral_with_a_lone_surrogate()))
+    ),
+}
+
 MALFORMED_DOCUMENTS = {
+    **CRASHED_BEFORE,
     "empty": b"",
     "not-json": b"cube-evidence/1",
     "array": b"[]",
@@ -446,6 +473,20 @@ def test_malformed_documents(name: str) -> None:
     refuse(MALFORMED_DOCUMENTS[name], MalformedError)
 
 
+def test_what_crashed_before_names_its_cause() -> None:
+    crl = refuse(CRASHED_BEFORE["tee-crl-unknown-version"], MalformedError)
+    assert "CRL" in str(crl) and "InvalidVersion" in str(crl)
+    collateral = refuse(CRASHED_BEFORE["tee-collateral-lone-surrogate"], MalformedError)
+    assert "tcb_info: a lone UTF-16 surrogate" in str(collateral)
+
+
+def test_claims_with_a_lone_surrogate_are_malformed_even_when_bound() -> None:
+    claims = json.dumps(e.claims_dict(agent_version="0.1.0\ud800"), sort_keys=True).encode()
+    assert b"\\ud800" in claims  # ASCII JSON with the escape; bound like any claims
+    error = refuse(e.collect(claims=claims), MalformedError)
+    assert "agent_version: a lone UTF-16 surrogate" in str(error)
+
+
 def test_vtpm_platform_needs_a_tpm_part_and_no_tee() -> None:
     def as_vtpm(doc: dict[str, Any]) -> None:
         doc["platform"] = "vtpm"
@@ -468,3 +509,13 @@ def test_errors_are_attestation_errors_with_exit_codes() -> None:
     assert PolicyError("x").exit_code == 5
     assert SimulatedEvidenceError("x").exit_code == 5
     assert StaleEvidenceError("x").exit_code == 6
+
+
+def test_certificate_window_refuses_an_unknown_certificate_version() -> None:
+    der = tdx.embedded_root().der
+    assert evidence.certificate_window(der)[0].year == 2018
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] version: v3
+    v6 = der[: at + 4] + b"\x05" + der[at + 5 :]
+    # cryptography raises x509.InvalidVersion here, which is not a ValueError.
+    with pytest.raises(MalformedError, match=r"not a valid X\.509 certificate"):
+        evidence.certificate_window(v6)

@@ -61,6 +61,30 @@ def test_default_refuses_a_migration_agent() -> None:
     validate_report(verified, SnpPolicy(allow_migration_agent=True))
 
 
+def test_smt_and_single_socket_are_not_checked_by_default_and_can_be_required() -> None:
+    smt_any_socket = signed_report(policy=0x30000)  # SMT allowed, not single-socket
+    verified = verify_report(
+        smt_any_socket.report,
+        vcek=smt_any_socket.vcek,
+        cert_chain=smt_any_socket.chain,
+        now=smt_any_socket.now,
+        roots=smt_any_socket.roots,
+    )
+    validate_report(verified, SnpPolicy())
+    with pytest.raises(PolicyError, match="SMT"):
+        validate_report(verified, SnpPolicy(allow_smt=False))
+    with pytest.raises(PolicyError, match="one socket"):
+        validate_report(verified, SnpPolicy(require_single_socket=True))
+
+    strict = signed_report(policy=0x20000 | 1 << 20)  # SMT disallowed, single socket
+    verified = verify_report(
+        strict.report, vcek=strict.vcek, cert_chain=strict.chain, now=strict.now, roots=strict.roots
+    )
+    checks = Checks()
+    validate_report(verified, SnpPolicy(allow_smt=False, require_single_socket=True), checks=checks)
+    assert {"snp.policy.smt", "snp.policy.single_socket"} <= {c.name for c in checks}
+
+
 # -- minimum TCB ----------------------------------------------------------------------------
 
 
@@ -171,6 +195,8 @@ FULL = {
     "id_key_digests": ["44" * 48],
     "author_key_digests": ["55" * 48],
     "min_guest_svn": 7,
+    "allow_smt": False,
+    "require_single_socket": True,
 }
 
 
@@ -179,8 +205,14 @@ def test_from_json_reads_every_key_and_round_trips() -> None:
     assert policy.measurements == (b"\xab" * 48, b"\xcd" * 48)
     assert policy.min_tcb == SnpMinTcb(bootloader=3, tee=0, snp=8, microcode=115, fmc=0)
     assert policy.vmpls == (0, 1) and policy.allow_vlek is False
+    assert policy.allow_smt is False and policy.require_single_socket is True
     assert SnpPolicy.from_json(policy.to_json()) == policy
     assert SnpPolicy.from_json(SnpPolicy().to_json()) == SnpPolicy()
+
+
+def test_smt_and_single_socket_keys_are_written_only_when_they_check_something() -> None:
+    # A policy that does not use them stays readable by verifiers that predate them.
+    assert not {"allow_smt", "require_single_socket"} & set(SnpPolicy().to_json())
 
 
 @pytest.mark.parametrize(
@@ -208,6 +240,9 @@ def test_from_json_reads_every_key_and_round_trips() -> None:
         {"allow_debug": 1},
         {"allow_debug": "false"},
         {"allow_vlek": None},
+        {"allow_smt": 0},
+        {"allow_smt": None},
+        {"require_single_socket": "true"},
         {"min_tcb": {"snp": None}},
         {"vmpls": [4]},
         {"vmpls": [True]},

@@ -121,6 +121,19 @@ def test_policy_bit_17_must_be_one() -> None:
         parse_report(patch(V3, 0x08, struct.pack("<Q", 0x10000)))
 
 
+@pytest.mark.parametrize("bit", [26, 32, 40, 63])
+def test_reserved_guest_policy_bits_must_be_zero(bit: int) -> None:
+    with pytest.raises(MalformedError, match="reserved guest policy bits 63:26"):
+        parse_report(patch(V3, 0x08, struct.pack("<Q", 0x30000 | 1 << bit)))
+
+
+@pytest.mark.parametrize("bit", [16, 18, 19, 20, 21, 22, 23, 24, 25])
+def test_defined_guest_policy_bits_parse(bit: int) -> None:
+    # 21..25: CXL_ALLOW, MEM_AES_256_XTS, RAPL_DIS, CIPHERTEXT_HIDING, PAGE_SWAP_DISABLE.
+    policy = 0x20000 | 1 << bit
+    assert parse_report(patch(V3, 0x08, struct.pack("<Q", policy))).policy == policy
+
+
 @pytest.mark.parametrize(
     ("data", "offset", "what"),
     [

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation._checks import Checks
-from attestation._x509 import load_certificate
+from attestation._x509 import MAX_CRL_SIZE, load_certificate
 from attestation.errors import (
     AttestationError,
     CertificateChainError,
@@ -32,6 +32,7 @@ from attestation.snp.verify import VerifiedSnpReport
 from tests import vectors
 from tests.snp._util import ids, report_bytes, signed_report, snp_vectors, vcek_and_chain
 from tests.snp.fakepki import INSIDE, fake_amd, patch
+from tests.tdx._util import synthetic_crl
 
 SNP = snp_vectors()
 GO_SEV = vectors.vector("snp-milan-v2-go-sev-guest")
@@ -338,6 +339,32 @@ def test_crl_from_another_issuer_is_refused() -> None:
     genoa_crl = fake_amd("Genoa").crl()
     with pytest.raises(CertificateChainError, match="not issued"):
         verify_report(s.report, vcek=s.vcek, crl=genoa_crl, now=s.now, roots=s.roots)
+
+
+def _crl_with_version(version: int) -> bytes:
+    """A CRL whose TBSCertList version INTEGER (02 01 01, v2) says ``version`` instead."""
+    crl = bytearray(fake_amd().crl())
+    at = crl.index(b"\x02\x01\x01")
+    crl[at + 2] = version
+    return bytes(crl)
+
+
+@pytest.mark.parametrize("version", [0x02, 0x40, 0x7F])
+def test_crl_with_an_unknown_version_is_malformed(version: int) -> None:
+    # cryptography raises x509.InvalidVersion for these, which is not a ValueError.
+    s = signed_report()
+    with pytest.raises(MalformedError, match=r"CRL does not parse.*InvalidVersion"):
+        verify_report(
+            s.report, vcek=s.vcek, crl=_crl_with_version(version), now=s.now, roots=s.roots
+        )
+
+
+def test_crl_larger_than_the_cap_is_refused_before_parsing() -> None:
+    s = signed_report()
+    large = synthetic_crl(MAX_CRL_SIZE // 20 + 100)  # well formed, ~52,000 entries
+    assert len(large) > MAX_CRL_SIZE
+    with pytest.raises(MalformedError, match="larger than"):
+        verify_report(s.report, vcek=s.vcek, crl=large, now=s.now, roots=s.roots)
 
 
 # -- caching ----------------------------------------------------------------------------------

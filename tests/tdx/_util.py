@@ -94,3 +94,28 @@ def signed_region_end(data: bytes) -> int:
     """Offset where the structure ends (the start of the trailing bytes)."""
     quote = tdx.parse_quote(data)
     return len(data) - len(quote.trailing)
+
+
+def der_tlv(tag: int, body: bytes) -> bytes:
+    """One DER TLV (definite, minimal length)."""
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def synthetic_crl(entries: int) -> bytes:
+    """An ECDSA-SHA256 CRL listing ``entries`` revoked serials (not validly signed)."""
+    alg = der_tlv(0x30, der_tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+    issuer = der_tlv(
+        0x30, der_tlv(0x31, der_tlv(0x30, der_tlv(0x06, b"\x55\x04\x03") + der_tlv(0x0C, b"x")))
+    )
+    when = der_tlv(0x17, b"250101000000Z")
+    revoked = b"".join(
+        der_tlv(0x30, der_tlv(0x02, bytes([i % 128])) + when) for i in range(entries)
+    )
+    tbs = der_tlv(
+        0x30, der_tlv(0x02, b"\x01") + alg + issuer + when + when + der_tlv(0x30, revoked)
+    )
+    return der_tlv(0x30, tbs + alg + der_tlv(0x03, bytes(65)))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from attestation import tdx
+from attestation import _der, tdx
+from attestation._x509 import MAX_CRL_SIZE
 from attestation.errors import MalformedError
 from tests import vectors
+from tests.tdx._util import der_tlv, synthetic_crl
 
 PHALA = vectors.vector("tdx-v4-phala-uptodate")
 PHALA_JSON = vectors.read(PHALA["files"]["collateral_phala"]["path"])
@@ -300,3 +303,99 @@ def test_pcs_qe_identity_with_tcb_info_key_is_rejected() -> None:
 def test_pcs_bad_issuer_chain() -> None:
     with pytest.raises(MalformedError):
         tdx.Collateral.from_pcs(TCB_BODY, QE_BODY, issuer_chain=b"not a chain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lone surrogates: "\ud800" is valid JSON but no text; the signed strings are encoded as UTF-8
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(_doc()))
+def test_lone_surrogate_in_a_json_string_is_malformed_and_named(key: str) -> None:
+    doc = _doc()
+    doc[key] += "\ud800"
+    with pytest.raises(MalformedError, match=f"{key}: a lone UTF-16 surrogate"):
+        _from_doc(doc)
+
+
+def test_lone_surrogate_inside_a_pcs_body_is_named_by_its_path() -> None:
+    body = TCB_BODY.replace(b'"INTEL-SA-', b'"\\udc00INTEL-SA-', 1)
+    with pytest.raises(MalformedError, match=r"tcbLevels\[\d+\]\.advisoryIDs\[0\]"):
+        tdx.Collateral.from_pcs(body, QE_BODY)
+
+
+def test_escaped_surrogate_pairs_are_text() -> None:
+    doc = json.loads(TCB_BODY)
+    doc["tcbInfo"]["tcbLevels"][0]["advisoryIDs"] = ["\U0001f600"]
+    body = json.dumps(doc, separators=(",", ":")).encode()  # ASCII: "\ud83d\ude00"
+    assert b"\\ud83d\\ude00" in body
+    c = tdx.Collateral.from_pcs(body, QE_BODY)
+    assert c.tcb_info.tcb_levels[0].advisory_ids == ("\U0001f600",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large CRLs: parsed in work linear in their size, and capped
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_50000_entry_crl_is_parsed_in_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the bytes the DER reader copies: re-slicing the rest of a SEQUENCE per element
+    (the old reader) copies ~25 GB for this CRL; walking by offset copies a few times its size."""
+    der = synthetic_crl(50_000)
+    assert len(der) <= MAX_CRL_SIZE
+    copied = 0
+    make_node = _der.Node
+
+    def counting_node(tag: int, raw: bytes, content: bytes) -> _der.Node:
+        nonlocal copied
+        copied += len(raw) + len(content)
+        return make_node(tag, raw, content)
+
+    def counting_bytes(data: bytes = b"") -> bytes:
+        nonlocal copied
+        copied += len(data)
+        return builtins.bytes(data)
+
+    monkeypatch.setattr(_der, "Node", counting_node)
+    monkeypatch.setattr(_der, "bytes", counting_bytes, raising=False)
+    crl = tdx.parse_crl(der)
+    assert len(crl.revoked_serials) == 128
+    assert copied < 32 * len(der), f"{copied} bytes copied for a {len(der)}-byte CRL"
+
+
+def test_a_crl_larger_than_the_cap_is_refused_before_parsing() -> None:
+    der = synthetic_crl(MAX_CRL_SIZE // 20 + 100)
+    for form in (der, der.hex().encode()):
+        with pytest.raises(MalformedError, match="larger than"):
+            tdx.parse_crl(form)
+
+
+@pytest.mark.parametrize(
+    ("tag", "text", "expected"),
+    [
+        (_der.UTC_TIME, b"491231235959Z", datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        (_der.UTC_TIME, b"500101000000Z", datetime(1950, 1, 1, tzinfo=UTC)),
+        (_der.GENERALIZED_TIME, b"20500101000000Z", datetime(2050, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_der_times(tag: int, text: bytes, expected: datetime) -> None:
+    assert _der.decode_time(_der.Node(tag, der_tlv(tag, text), text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("tag", "text"),
+    [
+        (_der.UTC_TIME, b"5001010000Z"),  # no seconds
+        (_der.UTC_TIME, b" 50101000000Z"),
+        (_der.UTC_TIME, b"250101000000+"),
+        (_der.UTC_TIME, b"251301000000Z"),  # month 13
+        (_der.UTC_TIME, b"250101240000Z"),
+        (_der.UTC_TIME, "25010100000\u0661Z".encode()),  # a non-ASCII digit
+        (_der.GENERALIZED_TIME, b"00000101000000Z"),  # year 0
+        (_der.GENERALIZED_TIME, b"20250101000000.5Z"),
+        (_der.INTEGER, b"250101000000Z"),
+    ],
+)
+def test_bad_der_times(tag: int, text: bytes) -> None:
+    with pytest.raises(MalformedError):
+        _der.decode_time(_der.Node(tag, der_tlv(tag, text), text))
