@@ -332,6 +332,13 @@ class AttestationGate:
             )
         except AttestationError as exc:
             raise failure(str(exc), "attestation_failed") from None
+        except Exception as exc:
+            # A verifier bug on hostile input must still refuse the agent (fail closed, and
+            # out of rotation until its retry), not answer 500 to every request that tries it.
+            log.exception("evidence verification failed unexpectedly (agent %s)", agent.id)
+            raise failure(
+                f"its evidence could not be processed ({type(exc).__name__})", "attestation_failed"
+            ) from None
         presented = sha256(der)
         if not hmac.compare_digest(presented, verified.claims.tls_cert_sha256):
             raise failure(

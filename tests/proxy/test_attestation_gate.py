@@ -14,8 +14,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import aiohttp
+import pytest
 
-from attestation.evidence import verify_evidence
+from attestation.evidence import VerifiedEvidence, verify_evidence
 from attestation.policy import load_policy
 from proxy.gateway import GatewaySettings
 from proxy.gateway.agents import Agent
@@ -398,3 +399,33 @@ def test_an_expired_agent_certificate_is_refused(
     server.flush()
     (event,) = [r for r in directory.audits if r.event == "attestation_failed"]
     assert "TLS certificate is valid from" in (event.detail or "")
+
+
+def test_a_verifier_crash_on_hostile_evidence_refuses_the_agent(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever the verifier raises, the agent is refused and out of rotation (a 503 saying
+    why, audited), never a 500 for every request that reaches it."""
+    import proxy.gateway.attest as attest
+
+    def crashing(*args: object, **kwargs: object) -> VerifiedEvidence:
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(attest, "verify_evidence", crashing)
+    dom = one_domain(directory, agents)
+    server = proxy()
+    reply = server.chat(dom.alias, dom.member_token)
+    assert reply.status == 503
+    error = reply.json()["error"]
+    assert error["code"] == "attestation_failed"
+    assert "could not be processed (UnicodeEncodeError)" in error["message"]
+    agent = the_agent(server)
+    assert agent.state(time.monotonic()) == "refused"
+    verifications = agent.verifications
+    assert server.chat(dom.alias, dom.member_token).status == 503
+    assert agent.verifications == verifications
+    assert not fake_openai.requests_to("/v1/chat/completions")
