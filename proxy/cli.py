@@ -45,6 +45,7 @@ from aiohttp import web
 
 from proxy.config import CONFIG_ENV, OPTIONS, ConfigError, ProxyConfig, effective_config
 from proxy.gateway import EdgeSite
+from proxy.gateway.edge import DRAIN_SECONDS
 
 __all__ = ["build_parser", "main", "serve"]
 
@@ -53,6 +54,8 @@ log = logging.getLogger("cube.proxy")
 EXIT_CONFIG = 2
 EXIT_START = 1
 SHUTDOWN_TIMEOUT = 10.0
+#: Time a stopping worker is given, after its connections are drained, to write its queue.
+AUDIT_FLUSH_SECONDS = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +302,9 @@ def _supervise(
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 5
+            # A worker drains the fast path, then aiohttp's connections, one after the other,
+            # then writes its queued audit rows: killed sooner, it would lose them.
+            deadline = time.monotonic() + DRAIN_SECONDS + SHUTDOWN_TIMEOUT + AUDIT_FLUSH_SECONDS
             for proc in procs:
                 try:
                     proc.wait(max(0.1, deadline - time.monotonic()))

@@ -78,6 +78,8 @@ log = logging.getLogger("cube.proxy")
 KEEPALIVE_SECONDS: Final = 75.0
 #: A request (head and body) not complete after this long closes the connection.
 HEAD_TIMEOUT_SECONDS: Final = 60.0
+#: At shutdown, how long answers in progress on the fast path get to finish before they are cut.
+DRAIN_SECONDS: Final = 10.0
 _MAX_HEAD: Final = 16 * 1024
 _MAX_HEADER_LINE: Final = 8190  # aiohttp's limit: a longer line is aiohttp's to refuse
 #: Bodies are read before the credential is checked here, so larger ones go to aiohttp, whose
@@ -675,7 +677,7 @@ class EdgeSite(web.TCPSite):
                 conn.closing = True
         tasks = [c.task for c in self.connections if c.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=10)
+            await asyncio.wait(tasks, timeout=DRAIN_SECONDS)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
