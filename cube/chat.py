@@ -7,9 +7,14 @@ agent (``cube-e2e/1``) unless ``--no-encrypt`` (direct to an agent only: through
 plaintext body would be readable there, and the transport refuses it). Tokens are printed as
 they arrive.
 
+The banner describes the very verification the requests then go to (the transport's own). What
+the service or its evidence says is shown with control characters escaped (``\x1b`` as the text
+``\x1b``; answers keep their line breaks and tabs): it cannot drive the terminal.
+
 Interactive on a terminal (``/quit`` or end of input leaves); otherwise the whole of stdin is
 one prompt, answered once: ``echo hi | cube chat URL --policy FILE``. Exit codes: 0, 2 usage,
-3-7 as ``cube verify`` when the endpoint is not accepted, 1 when the service answers an error.
+3-7 as ``cube verify`` when the endpoint is not accepted, 1 when the service answers an error
+or fails while answering.
 Every flag is also read from ``CUBE_CHAT_<FLAG>``; the credential also from ``CUBE_API_KEY``.
 """
 
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from attestation.errors import AttestationError, InvalidPolicyError
+from attestation.errors import AttestationError, InvalidPolicyError, MalformedError
 from attestation.policy import Policy
 from cube.verify_cli import load_reference, reference_source, ssl_context
 
@@ -37,8 +42,15 @@ __all__ = ["chat"]
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+def _shown(text: str, *, keep: str = "") -> str:
+    from cube_client._text import printable
+
+    return printable(text, keep=keep)
+
+
 def _err(message: str) -> None:
-    click.echo(message, err=True)
+    """One line on stderr; it may quote the service or its evidence, so it is made printable."""
+    click.echo(_shown(message), err=True)
 
 
 def _refused(error: AttestationError) -> NoReturn:
@@ -87,7 +99,7 @@ def _answer(
     try:
         for piece in _stream(client, model, messages, **extra):
             pieces.append(piece)
-            sys.stdout.write(piece)
+            sys.stdout.write(_shown(piece, keep="\n\t"))
             sys.stdout.flush()
     except openai.APIConnectionError as exc:
         sys.stdout.write("\n")
@@ -104,6 +116,16 @@ def _answer(
         # passes it through unwrapped. What was printed is not the whole answer.
         sys.stdout.write("\n")
         _refused(exc)
+    except openai.APIError as exc:
+        # The stream carried an error event (the backend failed mid-answer): the SDK raises
+        # the bare APIError. What was printed is not the whole answer.
+        sys.stdout.write("\n")
+        _err(f"cube chat: the service failed while answering: {exc.message}")
+        sys.exit(1)
+    except Exception as exc:  # fail closed, never a traceback
+        sys.stdout.write("\n")
+        _err(f"cube chat: the answer could not be read ({type(exc).__name__})")
+        sys.exit(1)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(pieces)
@@ -187,8 +209,13 @@ def chat(
 
     import openai
 
-    from cube_client import attested_http_client, parse_endpoint, verify_endpoint
+    from cube_client import AttestedClient, AttestedTransport, parse_endpoint
+    from cube_client._verify import check_api_key
 
+    try:
+        check_api_key(api_key, check="chat.api_key")
+    except MalformedError as exc:
+        raise click.UsageError(exc.message) from None
     context = ssl_context(ca)
     try:
         policy: Policy = load_reference(source)
@@ -198,24 +225,29 @@ def chat(
                 "--no-encrypt through a proxy would let the proxy read every prompt and answer "
                 "(TLS ends there): the attested transport refuses plaintext bodies via a proxy"
             )
-        found = verify_endpoint(
-            url, policy, via_proxy=via_proxy, ca=context, timeout=min(timeout, 60), api_key=api_key
+        transport = AttestedTransport(
+            url,
+            policy,
+            encrypt=encrypt,
+            via_proxy=via_proxy,
+            ca=context,
+            api_key=api_key,
+            verify_timeout=min(timeout, 60),
         )
+        # Verified through the transport itself: the banner shows the verification the
+        # requests go to (a second, separate one could reach another agent behind a proxy).
+        found = transport.verify()
     except InvalidPolicyError as exc:
         _refused(exc)
     except AttestationError as exc:
         _refused(exc)
+    except click.ClickException:
+        raise
+    except Exception as exc:  # fail closed, never a traceback
+        _refused(MalformedError(f"verification failed ({type(exc).__name__})"))
     chosen = model or found.evidence.claims.model_name
     _banner(found, encrypt=encrypt, model=chosen)
-    http = attested_http_client(
-        url,
-        policy,
-        encrypt=encrypt,
-        via_proxy=via_proxy,
-        ca=context,
-        timeout=timeout,
-        api_key=api_key,
-    )
+    http = AttestedClient(transport, timeout=timeout)
     extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
     messages: list[ChatCompletionMessageParam] = []
     if system:

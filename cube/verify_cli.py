@@ -21,7 +21,7 @@ import json
 import ssl
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -146,10 +146,28 @@ def _exit_code(error: AttestationError | None) -> int:
 
 
 # -- the human report ------------------------------------------------------------------------------
+# Everything the endpoint or its evidence supplied (error messages, claims, check values) goes
+# through _shown: a server must not be able to move the cursor or paint a line of the report.
+
+
+def _shown(value: object) -> str:
+    from cube_client._text import printable
+
+    return printable(str(value))
 
 
 def _line(label: str, value: str) -> None:
-    click.echo(f"  {label:<12} {value}")
+    click.echo(f"  {label:<12} {_shown(value)}")
+
+
+def _shown_check(check: Check) -> Check:
+    return replace(
+        check,
+        name=_shown(check.name),
+        detail=_shown(check.detail),
+        expected=None if check.expected is None else _shown(check.expected),
+        actual=None if check.actual is None else _shown(check.actual),
+    )
 
 
 def _hexes(values: Iterable[bytes] | None) -> str:
@@ -211,16 +229,16 @@ def _echo_report(report: Report, *, explain: bool) -> None:
     simulated = outcome.platform.startswith("sim-")
     verdict = "ACCEPT" if outcome.accepted else "REJECT"
     where = "through a proxy domain" if report.via_proxy else "direct to the agent"
-    click.echo(f"{verdict}  {report.url}  ({where})")
+    click.echo(f"{verdict}  {_shown(report.url)}  ({where})")
     if simulated:
         click.secho(
-            f"  !! SIMULATED: {outcome.platform} evidence comes from Cube's simulator, NOT a real "
-            "TEE. It proves nothing about confidentiality; use it for development only.",
+            f"  !! SIMULATED: {_shown(outcome.platform)} evidence comes from Cube's simulator, "
+            "NOT a real TEE. It proves nothing about confidentiality; use it for development only.",
             fg="yellow",
             bold=True,
         )
     if outcome.error is not None:
-        click.echo(f"  {outcome.error.failure_class} error: {outcome.error.message}")
+        click.echo(f"  {outcome.error.failure_class} error: {_shown(outcome.error.message)}")
         if outcome.error.check == "tls.certificate":
             click.echo(
                 "  the certificate this connection presented is not the attested one: something "
@@ -230,10 +248,10 @@ def _echo_report(report: Report, *, explain: bool) -> None:
         failed = [c for c in outcome.checks if not c.passed]
         for check in failed:
             if check.expected is not None:
-                click.echo(f"      expected: {check.expected}")
+                click.echo(f"      expected: {_shown(check.expected)}")
             if check.actual is not None:
-                click.echo(f"      actual:   {check.actual}")
-    click.echo(f"  policy       {report.policy_source}")
+                click.echo(f"      actual:   {_shown(check.actual)}")
+    _line("policy", report.policy_source)
     label = f"{outcome.platform} (SIMULATED — not a real TEE)" if simulated else outcome.platform
     _line("platform", label)
     fields = outcome.fields
@@ -281,9 +299,9 @@ def _echo_report(report: Report, *, explain: bool) -> None:
         )
         _line("valid until", str(facts["expires_at"]))
     for note in outcome.notes:
-        click.echo(f"  note: {note}")
+        click.echo(f"  note: {_shown(note)}")
     click.echo("  checks")
-    echo_checks(outcome.checks, indent="    ", values=explain)
+    echo_checks([_shown_check(c) for c in outcome.checks], indent="    ", values=explain)
 
 
 def _emit(report: Report, *, as_json: bool, explain: bool) -> NoReturn:

@@ -15,7 +15,11 @@ Per request, before a byte of it is written:
    still does not match, the request is refused.
 
 Sealed answers are opened (whole bodies, and streams record by record with the end marker
-required); a plaintext success answer to a sealed request is refused. An agent that answers
+required); a plaintext success answer to a sealed request is refused, and so is a sealed body
+under another content type. Nothing authenticates a plaintext error, so only those that come
+before any inference (421, 429, 503) keep the ``openai`` SDK's retries; the retry headers of
+every answer to a sealed request are dropped (see ``_RETRY_HEADERS``). The asyncio transport
+seals and opens bodies over 256 KiB in a worker thread. An agent that answers
 421 ``e2e_wrong_recipient`` (a proxy routed the request to another agent than the one verified)
 gets one retry after a fresh verification. Errors raised here are
 :class:`attestation.errors.AttestationError`s (the ``openai`` SDK mostly passes them through;
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -36,7 +41,7 @@ from typing import Any, Final
 import httpcore2
 import httpx2
 
-from attestation.errors import BindingError
+from attestation.errors import BindingError, MalformedError
 from attestation.policy import Policy
 from cube_client import e2e
 from cube_client._errors import EncryptionError, PlaintextRefusedError
@@ -67,9 +72,28 @@ __all__ = [
 _VERIFY_TIMEOUT: Final = 60.0
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _STREAM_TYPES: Final = {"text/event-stream": "sse", "application/x-ndjson": "ndjson"}
+#: Headers the openai SDK decides its retries by. They travel outside the seal, so whoever
+#: relays an answer could set them; each retry is another inference.
+_RETRY_HEADERS: Final = frozenset({"x-should-retry", "retry-after", "retry-after-ms"})
 _DROPPED_RESPONSE_HEADERS: Final = frozenset(
-    {"content-length", "content-type", "content-encoding", "transfer-encoding"}
+    {"content-length", "content-type", "content-encoding", "transfer-encoding"} | _RETRY_HEADERS
 )
+#: Plaintext errors to a sealed request that come before the agent opened it, so before any
+#: inference, and may be retried: the agent's 421 (another recipient; retried here once) and 503
+#: (replay cache full, token keys not loaded yet), the proxy's 429 (rate limit) and 503 (no agent
+#: available). Anything else (a 502 from the proxy may come after the agent inferred) is not.
+_RETRYABLE_BEFORE_OPENING: Final = frozenset({421, 429, 503})
+#: How a sealed body starts (whole answer; SSE or NDJSON stream): such a body is never plaintext.
+_SEALED_STARTS: Final = (
+    e2e.MAGIC,
+    b"event: " + e2e.SSE_EVENT.encode(),
+    b'{"' + e2e.SSE_EVENT.encode() + b'"',
+)
+#: Bodies larger than this are sealed and opened in a worker thread, off the event loop (the
+#: agent uses the same threshold).
+_OFF_LOOP: Final = 256 * 1024
+#: An Authorization header value HTTP can carry (no control characters, no edge spaces).
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 
 
 def _utcnow() -> datetime:
@@ -85,6 +109,11 @@ def _mapped_errors() -> Iterator[None]:
     """httpcore2's exceptions as httpx2's (same names), which the openai SDK understands."""
     try:
         yield
+    except httpcore2.LocalProtocolError:
+        # h11's message quotes the offending header, which may be a credential: say less.
+        raise httpx2.LocalProtocolError(
+            "the request could not be sent: a header or the request line is not valid HTTP"
+        ) from None
     except httpcore2.TimeoutException as exc:
         raise getattr(httpx2, type(exc).__name__, httpx2.TimeoutException)(str(exc)) from exc
     except (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol) as exc:
@@ -169,6 +198,16 @@ class _Core:
         return changed
 
     def api_key_for(self, request: httpx2.Request) -> str | None:
+        """The credential for a proxy's evidence route. Refuses, before anything is sent and
+        without quoting it, an Authorization header that HTTP cannot carry (a key read from a
+        file with its newline): the HTTP library's error would quote it."""
+        value = request.headers.get("authorization")
+        if value is not None and not _HEADER_VALUE.fullmatch(value):
+            raise MalformedError(
+                "the API key (Authorization header) contains characters no HTTP header can "
+                "carry (a trailing newline or space?)",
+                check="transport.credential",
+            )
         return self.api_key if self.api_key is not None else _bearer(request)
 
     def relative_path(self, request: httpx2.Request) -> str:
@@ -260,12 +299,29 @@ class _Core:
             return httpx2.Response(
                 response.status, headers=headers, content=plain, extensions=response.extensions
             )
+        if body.lstrip().startswith(_SEALED_STARTS):
+            # A sealed answer relabelled on the way (to pass as a plaintext error the SDK would
+            # retry, so the agent infers again).
+            raise e2e.EnvelopeError(
+                f"a sealed answer arrived as plaintext (HTTP {response.status}, "
+                f"{media or 'no content type'}): changed on the way, refused",
+                code="e2e_plaintext",
+            )
         if response.status >= 400:
             # Refused before the body was opened (by the proxy or the agent): a plaintext error,
-            # which carries no content of the exchange.
+            # which carries no content of the exchange. Whoever relays it can forge it, so the
+            # SDK retries only what legitimately comes before any inference.
+            headers = [
+                (k, v)
+                for k, v in response.headers
+                if k.decode("latin-1").lower() not in _RETRY_HEADERS
+                or (response.status in _RETRYABLE_BEFORE_OPENING and k.lower() == b"retry-after")
+            ]
+            if response.status not in _RETRYABLE_BEFORE_OPENING:
+                headers.append((b"x-should-retry", b"false"))
             return httpx2.Response(
                 response.status,
-                headers=response.headers,
+                headers=headers,
                 content=body,
                 extensions=response.extensions,
             )
@@ -277,11 +333,8 @@ class _Core:
 
     @staticmethod
     def stream_headers(response: httpcore2.Response) -> list[tuple[bytes, bytes]]:
-        return [
-            (k, v)
-            for k, v in response.headers
-            if k.decode("latin-1").lower() not in ("content-length", "content-encoding")
-        ]
+        dropped = {"content-length", "content-encoding"} | _RETRY_HEADERS
+        return [(k, v) for k, v in response.headers if k.decode("latin-1").lower() not in dropped]
 
     def pin_refused(self, exc: PinMismatch) -> BindingError:
         """The error once a certificate is still not the attested one after verifying again."""
@@ -594,7 +647,12 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
         api_key = core.api_key_for(request)
         attested = await self.verify(api_key)
         for attempt in (1, 2):
-            headers, content, meta = core.prepare(request, body, attested, path)
+            if len(body) > _OFF_LOOP:  # JSON parsing and sealing: CPU work
+                headers, content, meta = await asyncio.to_thread(
+                    core.prepare, request, body, attested, path
+                )
+            else:
+                headers, content, meta = core.prepare(request, body, attested, path)
             try:
                 with _mapped_errors():
                     response = await self._pool.handle_async_request(
@@ -617,6 +675,8 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
             if attempt == 1 and core.wrong_recipient(response.status, raw):
                 attested = await self.verify(api_key, force=True)
                 continue
+            if len(raw) > _OFF_LOOP:
+                return await asyncio.to_thread(core.whole, response, meta, raw)
             return core.whole(response, meta, raw)
         raise AssertionError("unreachable")  # pragma: no cover
 

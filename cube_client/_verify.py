@@ -46,6 +46,7 @@ from cube_client._net import (
     CheckedBackend,
     agent_ssl_context,
 )
+from cube_client._text import printable
 
 __all__ = [
     "MAX_EVIDENCE_BYTES",
@@ -172,6 +173,17 @@ def _ssl_context(endpoint: Endpoint, ca: ssl.SSLContext | None) -> ssl.SSLContex
     return ca if ca is not None else ssl.create_default_context()
 
 
+def check_api_key(api_key: str, *, check: str) -> None:
+    """Refuse an API key no HTTP header can carry, without quoting it: an HTTP library's error
+    would quote the whole header, key included."""
+    if not _TOKEN_CHARACTERS.fullmatch(api_key):
+        raise MalformedError(
+            "the API key contains characters no HTTP header can carry (a trailing newline "
+            "or space?)",
+            check=check,
+        )
+
+
 def _request_parts(
     endpoint: Endpoint, nonce: bytes, api_key: str | None, timeout: float
 ) -> tuple[bytes, list[tuple[bytes, bytes]], dict[str, object]]:
@@ -184,13 +196,7 @@ def _request_parts(
     # The credential goes to a proxy only (which serves evidence to its users); an agent's
     # evidence is public, and a bearer token never goes to anything not yet verified.
     if api_key is not None and endpoint.via_proxy:
-        if not _TOKEN_CHARACTERS.fullmatch(api_key):
-            # Said without the key: an HTTP library's error would quote the whole header.
-            raise MalformedError(
-                "the API key contains characters no HTTP header can carry (a trailing newline "
-                "or space?)",
-                check="evidence.fetch",
-            )
+        check_api_key(api_key, check="evidence.fetch")
         headers.append((b"Authorization", f"Bearer {api_key}".encode()))
     extensions: dict[str, object] = {
         "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
@@ -202,9 +208,9 @@ def _unreachable(endpoint: Endpoint, exc: BaseException) -> ClientError:
     if isinstance(exc, httpcore2.LocalProtocolError):
         detail = f"the request could not be sent ({type(exc).__name__})"  # it may quote headers
     else:
-        detail = str(exc).strip() or type(exc).__name__
+        detail = printable(str(exc).strip()[:300]) or type(exc).__name__
     return ClientError(
-        f"could not fetch evidence from {endpoint.url}: {detail[:300]}", check="evidence.fetch"
+        f"could not fetch evidence from {endpoint.url}: {detail}", check="evidence.fetch"
     )
 
 
@@ -305,6 +311,8 @@ async def _afetch(
 
 
 def _error_message(body: bytes) -> str:
+    """The message of a JSON error answer, shortened and made printable (it is the server's
+    text, and ends up on a terminal)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -312,9 +320,9 @@ def _error_message(body: bytes) -> str:
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:300]
+            return printable(str(error["message"])[:300])
         if isinstance(error, str):
-            return error[:300]
+            return printable(error[:300])
     return ""
 
 
