@@ -327,7 +327,11 @@ def measure_build(build_dir: Path, options: MeasureOptions | None = None) -> Mea
             platforms=frozenset({"sev-snp"}),
             model_digests=frozenset({model_digest}),
             config_digests=frozenset({config_digest}),
-            sev_snp=SnpPolicy(measurements=tuple(dict.fromkeys(m.measurement for m in snp_values))),
+            sev_snp=SnpPolicy(
+                measurements=tuple(dict.fromkeys(m.measurement for m in snp_values)),
+                # Direct boot with no SVSM or paravisor: the guest, and so its reports, are VMPL 0.
+                vmpls=(0,),
+            ),
             description=f"cube measure: SEV-SNP direct boot of {UKI_NAME} {uki.sha256.hex()[:16]}",
         )
     return Measurements(document, policy, snp_policy, notes)

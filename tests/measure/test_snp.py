@@ -55,5 +55,6 @@ def test_snp_measurements_for_the_vcpu_matrix(tmp_path: Path) -> None:
     assert result.snp_policy is not None
     assert result.snp_policy.platforms == frozenset({"sev-snp"})
     assert {m.hex() for m in result.snp_policy.sev_snp.measurements or ()} == set(values)
+    assert result.snp_policy.sev_snp.vmpls == (0,)  # a report from a higher VMPL is refused
     # Deterministic, and bound to the command line (which pins the configuration).
     assert measure_build(build, options).document["sev_snp"] == snp
