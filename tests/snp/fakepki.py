@@ -6,10 +6,12 @@ links, P-384 report key, KDS extensions) has AMD's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -97,9 +99,17 @@ class FakeAmd:
         product_name: str | None = None,
         not_before: dt.datetime = NOT_BEFORE,
         not_after: dt.datetime = NOT_AFTER,
+        curve: ec.EllipticCurve | None = None,
+        rsa_padding: padding.PSS | padding.PKCS1v15 = _PSS,
+        hash_algorithm: hashes.SHA256 | hashes.SHA384 | None = None,
     ) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-        """A VCEK (or VLEK) with KDS extensions; returns its key and DER."""
-        key = ec.generate_private_key(ec.SECP384R1())
+        """A VCEK (or VLEK) with KDS extensions; returns its key and DER.
+
+        ``tcb`` may hold ``fmc`` (Turin's fmcSPL). ``curve`` (P-384 by default),
+        ``rsa_padding`` and ``hash_algorithm`` (AMD's PSS/SHA-384 by default) build leaves AMD
+        would not issue.
+        """
+        key = ec.generate_private_key(curve or ec.SECP384R1())
         issuer, issuer_key = (self.asvk, self.asvk_key) if vlek else (self.ask, self.ask_key)
         exts: list[tuple[str, bytes]] = [
             (f"{_AMD}.1", _der_int(0)),
@@ -113,6 +123,8 @@ class FakeAmd:
             (f"{_AMD}.3.7", _der_int(0)),
             (f"{_AMD}.3.8", _der_int(tcb["microcode"])),
         ]
+        if "fmc" in tcb:
+            exts.append((f"{_AMD}.3.9", _der_int(tcb["fmc"])))
         if hwid is not None:
             exts.append((f"{_AMD}.4", hwid))
         if vlek:
@@ -130,7 +142,7 @@ class FakeAmd:
             builder = builder.add_extension(
                 x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), critical=False
             )
-        cert = builder.sign(issuer_key, hashes.SHA384(), rsa_padding=_PSS)
+        cert = builder.sign(issuer_key, hash_algorithm or hashes.SHA384(), rsa_padding=rsa_padding)
         return key, cert.public_bytes(Encoding.DER)
 
     def crl(
@@ -164,7 +176,12 @@ def _ca(
     issuer_name: str,
     issuer_key: rsa.RSAPrivateKey,
     serial: int,
+    *,
+    ca: bool = True,
+    rsa_padding: padding.PSS | padding.PKCS1v15 = _PSS,
+    hash_algorithm: hashes.SHA256 | hashes.SHA384 | None = None,
 ) -> x509.Certificate:
+    """An AMD-shaped CA certificate; ``ca``/``rsa_padding``/``hash_algorithm`` can spoil it."""
     return (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -173,8 +190,8 @@ def _ca(
         .serial_number(serial)
         .not_valid_before(NOT_BEFORE)
         .not_valid_after(NOT_AFTER)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(issuer_key, hashes.SHA384(), rsa_padding=_PSS)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, hash_algorithm or hashes.SHA384(), rsa_padding=rsa_padding)
     )
 
 
@@ -190,6 +207,23 @@ def fake_amd(product: str = "Milan") -> FakeAmd:
         ask=_ca(f"SEV-{product}", ask_key, ark_name, ark_key, 0x10001),
         asvk_key=asvk_key,
         asvk=_ca(f"SEV-VLEK-{product}", asvk_key, ark_name, ark_key, 0x10101),
+    )
+
+
+def reissued(fake: FakeAmd, role: str, **spoil: Any) -> FakeAmd:
+    """``fake`` with its ``role`` ("ark", "ask" or "asvk") certificate issued again: same key,
+    name and issuer, with ``spoil`` passed to the builder (``ca=False``, ``rsa_padding=...``)."""
+    ark_name = f"ARK-{fake.product}"
+    names = {"ark": ark_name, "ask": f"SEV-{fake.product}", "asvk": f"SEV-VLEK-{fake.product}"}
+    serials = {"ark": 0x10000, "ask": 0x10001, "asvk": 0x10101}
+    key: rsa.RSAPrivateKey = getattr(fake, f"{role}_key")
+    cert = _ca(names[role], key, ark_name, fake.ark_key, serials[role], **spoil)
+    if role == "ark":
+        return dataclasses.replace(fake, ark=cert)
+    return (
+        dataclasses.replace(fake, ask=cert)
+        if role == "ask"
+        else dataclasses.replace(fake, asvk=cert)
     )
 
 
