@@ -150,10 +150,11 @@ def exposition(metrics: GatewayMetrics) -> bytes:
 
 def observe_request(metrics: GatewayMetrics, route: str, status: int, added_ms: float) -> None:
     """Count one answered request and the time the proxy added (label children cached)."""
-    key = (route, status)
+    # Keyed by the label, not the route: routes come from request paths (any number of them).
+    label = metric_route(route)
+    key = (label, status)
     children = metrics._request_children.get(key)
     if children is None:
-        label = metric_route(route)
         children = (
             metrics.requests.labels(route=label, status=str(status)),
             metrics.added_ms.labels(route=label),

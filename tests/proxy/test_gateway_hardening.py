@@ -225,3 +225,17 @@ def test_audit_rows_wait_out_a_database_outage() -> None:
     assert sorted(r.status for r in directory.audits) == sorted(_row(n).status for n in range(1, 6))
     assert len(directory.audits) == 5
     assert metrics.audit_dropped._value.get() == 0
+
+
+def test_request_metrics_hold_one_entry_per_label_whatever_the_paths() -> None:
+    """Anyone can send requests to any number of paths: the per-label cache of metric
+    children must not grow with them (it held one entry per raw path: memory without bound)."""
+    from proxy.gateway.metrics import observe_request
+
+    metrics = GatewayMetrics()
+    for i in range(500):
+        observe_request(metrics, f"/v1/unknown-{i}", 401, 0.1)
+        observe_request(metrics, "/v1/chat/completions", 200, 0.1)
+    assert len(metrics._request_children) == 2
+    other = metrics.requests.labels(route="other", status="401")._value.get()
+    assert other == 500
