@@ -145,6 +145,9 @@ class AgentConfig:
             )
         if self.jwks_url is not None and not self.jwks_url.startswith("https://"):
             raise ConfigError("jwks_url must be an https:// URL")
+        if self.jwks_url is not None and "@" in self.jwks_url.split("/", 3)[2]:
+            # Credentials in it would be logged with every fetch failure; a JWKS is public.
+            raise ConfigError("jwks_url must not carry credentials (user:password@)")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -872,6 +872,23 @@ def _is_usage_chunk(record: bytes) -> bool:
     return False
 
 
+_ASK_USAGE: Final = b'"stream_options":{"include_usage":true},'
+
+
+def _with_usage_asked(body: bytes, data: dict[str, Any]) -> bytes:
+    """``body`` asking the backend for a stream's usage. Usually by inserting the member after
+    the opening brace (the object has ``stream``, so a member follows; parse_body refused
+    duplicate keys, so none is made): re-encoding a large body would hold the GIL, and the
+    event loop, for as long as it takes."""
+    options = data.get("stream_options")
+    if options is None and "stream_options" not in data:
+        brace = len(body) - len(body.lstrip())
+        return body[: brace + 1] + _ASK_USAGE + body[brace + 1 :]
+    options = dict(options) if isinstance(options, dict) else {}
+    data["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(data).encode()
+
+
 def _inference(endpoint: str, path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = request.app[CONFIG]
@@ -886,10 +903,7 @@ def _inference(endpoint: str, path: str) -> Callable[[web.Request], Awaitable[we
         if data.get("stream") is True and not _asks_for_usage(data):
             # Token counts are metered (and token rate limits charged) whether or not the
             # client asked for them: ask the backend, and give the client what it asked for.
-            options = data.get("stream_options")
-            options = dict(options) if isinstance(options, dict) else {}
-            data["stream_options"] = {**options, "include_usage": True}
-            body = json.dumps(data).encode()
+            body = _with_usage_asked(body, data)
             strip_usage = True
         return await relay(
             request, exchange, "POST", path, body, usage=openai_usage, strip_usage=strip_usage

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,8 +75,9 @@ def database_url(spec: str) -> URL:
         return URL.create("sqlite+aiosqlite", database=str(Path(spec).expanduser().resolve()))
     try:
         url = make_url(spec)
-    except ArgumentError as exc:
-        raise DatabaseError("malformed database URL") from exc
+        url.port  # noqa: B018 - parsed lazily: a non-numeric port raises here, not later
+    except (ArgumentError, ValueError):
+        raise DatabaseError("malformed database URL") from None
     backend = url.get_backend_name()
     if backend == "sqlite":
         if not url.database or url.database == ":memory:":
@@ -84,6 +86,26 @@ def database_url(spec: str) -> URL:
     if backend in ("postgresql", "postgres"):
         return url.set(drivername="postgresql+asyncpg")
     raise DatabaseError(f"unsupported database {backend!r} (use a SQLite file or postgresql://)")
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by this user only: it holds the
+    signing keys (PEM unless a key secret is set) and the password hashes. SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the database file ({exc.strerror})") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            log.warning(
+                "the database file is readable by other users: it holds the signing keys "
+                "(chmod 600 it)"
+            )
+    finally:
+        os.close(fd)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -177,7 +199,7 @@ class Database:
         _quiet_driver_loggers()
         if backend == "sqlite":
             if url.database:
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+                _private_file(Path(url.database))
             # hide_parameters: SQL parameters never appear in SQLAlchemy's logs or in the
             # messages of its exceptions (they carry hashes and keys).
             engine = create_async_engine(

@@ -57,12 +57,47 @@ def _v4_usage_requests(conn: sa.Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE usage ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
 
 
+def _v5_backend_url_unique(conn: sa.Connection) -> None:
+    # (Already there when migration 1 ran from this schema module.) A database holding one URL
+    # in several domains cannot take the index: say which, rather than fail on the DDL.
+    shared = conn.execute(
+        sa.select(schema.backends.c.url)
+        .group_by(schema.backends.c.url)
+        .having(sa.func.count() > 1)
+        .limit(5)
+    ).scalars()
+    urls = list(shared)
+    if urls:
+        raise DatabaseError(
+            "an agent serves one domain, but these backend URLs are registered in several: "
+            f"{', '.join(urls)}; remove the extra registrations, then start this proxy"
+        )
+    (index,) = [i for i in schema.backends.indexes if i.name == "uq_backends_url"]
+    index.create(conn, checkfirst=True)
+
+
+def _v6_issued_aliases(conn: sa.Connection) -> None:
+    # (Already there when migration 1 ran from this schema module.) Aliases of domains deleted
+    # before this version are not known; those of the domains there now are.
+    schema.issued_aliases.create(conn, checkfirst=True)
+    conn.execute(
+        sa.insert(schema.issued_aliases).from_select(
+            ["alias", "issued_at"],
+            sa.select(schema.domains.c.alias, schema.domains.c.created_at).where(
+                schema.domains.c.alias.not_in(sa.select(schema.issued_aliases.c.alias))
+            ),
+        )
+    )
+
+
 #: (version, description, function), in order; versions start at 1 and have no gaps.
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial schema", _v1_initial),
     (2, "rate-limit buckets shared by replicas", _v2_rate_buckets),
     (3, "login attempts shared by workers and replicas", _v3_login_attempts),
     (4, "usage rows count the requests they sum", _v4_usage_requests),
+    (5, "a backend URL belongs to one domain", _v5_backend_url_unique),
+    (6, "an alias is never given to a second domain", _v6_issued_aliases),
 )
 
 LATEST = MIGRATIONS[-1][0]

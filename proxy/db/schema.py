@@ -17,6 +17,7 @@ __all__ = [
     "audit",
     "backends",
     "domains",
+    "issued_aliases",
     "login_attempts",
     "members",
     "metadata",
@@ -108,6 +109,16 @@ refresh_tokens = sa.Table(
     sa.Index("ix_refresh_session", "session_id"),
 )
 
+# Every alias a domain ever had, never deleted: an agent is configured with its domain's alias
+# (the audience of the tokens it accepts), so a new domain taking a deleted one's alias could
+# reach the old domain's agents still running (migration 6).
+issued_aliases = sa.Table(
+    "issued_aliases",
+    metadata,
+    sa.Column("alias", sa.String(63), primary_key=True),
+    _ts("issued_at"),
+)
+
 domains = sa.Table(
     "domains",
     metadata,
@@ -183,6 +194,9 @@ backends = sa.Table(
     _ts("created_at"),
     _ts("updated_at"),
     sa.UniqueConstraint("domain_id", "url", name="uq_backends_domain_url"),
+    # An agent serves one domain (its tokens' audience): its URL is one domain's backend only,
+    # or another tenant could register it and spend its evidence rate on it (migration 5).
+    sa.Index("uq_backends_url", "url", unique=True),
 )
 
 signing_keys = sa.Table(

@@ -32,6 +32,7 @@ from proxy.db.schema import (
     audit,
     backends,
     domains,
+    issued_aliases,
     login_attempts,
     members,
     passwords,
@@ -99,6 +100,11 @@ _LAST_USED_EVERY = 60.0
 #: Even with no configured maximum, a PAT's lifetime must stay a representable time.
 _PAT_TTL_CEILING = 100 * 365 * 24 * 3600
 _ADMIN_POWERS = frozenset({"manage_domain", "manage_members", "manage_backends"})
+#: Whose registration it is stays unsaid: another domain's backends are not for this one to see.
+_BACKEND_URL_TAKEN = (
+    "this agent URL is already a backend, of this domain or another (an agent serves one "
+    "domain: the audience of its tokens)"
+)
 
 
 class StartupError(Exception):
@@ -205,6 +211,14 @@ class Identity:
             await db.close()
             raise StartupError(
                 f"cannot open the database {db.describe()}: {_database_failure(exc)}"
+            ) from None
+        except (TypeError, ValueError) as exc:
+            # The driver's refusal of a URL option it does not know (asyncpg has no
+            # ``sslmode``: it takes ``ssl``): the type only, the message may quote the value.
+            await db.close()
+            raise StartupError(
+                f"cannot open the database {db.describe()}: the driver refused an option of "
+                f"the URL ({type(exc).__name__}; asyncpg takes ssl=require, not sslmode=)"
             ) from None
         except BaseException:
             await db.close()
@@ -1278,6 +1292,8 @@ class Identity:
         domain_id = credentials.new_id()
         try:
             async with self.db.write() as conn:
+                # Fails for an alias any domain ever had, deleted or not (see issued_aliases).
+                await conn.execute(sa.insert(issued_aliases).values(alias=alias_, issued_at=now))
                 await conn.execute(
                     sa.insert(domains).values(
                         id=domain_id, alias=alias_, name=name_, created_at=now, updated_at=now
@@ -1289,7 +1305,10 @@ class Identity:
                     )
                 )
         except IntegrityError as exc:
-            raise Conflict("a domain with this alias exists") from exc
+            raise Conflict(
+                "a domain with this alias exists or existed (an alias is never given out again: "
+                "agents configured for it would accept the new domain's tokens)"
+            ) from exc
         self._invalidate()
         return await self.get_domain(domain_id)
 
@@ -1584,7 +1603,7 @@ class Identity:
                     )
                 )
         except IntegrityError as exc:
-            raise Conflict("this domain already has a backend with this URL") from exc
+            raise Conflict(_BACKEND_URL_TAKEN) from exc
         self._invalidate()
         return spec
 
@@ -1618,7 +1637,7 @@ class Identity:
                 if done.rowcount == 0:
                     raise NotFound("no such backend")
         except IntegrityError as exc:
-            raise Conflict("this domain already has a backend with this URL") from exc
+            raise Conflict(_BACKEND_URL_TAKEN) from exc
         self._invalidate()
         return await self.get_backend(domain_id, backend_id)
 

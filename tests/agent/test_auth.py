@@ -450,6 +450,21 @@ def test_jwks_url_must_be_https() -> None:
         JwksFetcher("http://issuer.test/jwks", KeySet())
 
 
+def test_a_jwks_url_with_credentials_is_refused_by_the_configuration() -> None:
+    """They would be logged with every failed fetch; a JWKS is public anyway."""
+    from agent.config import AgentConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="credentials") as refused:
+        AgentConfig(
+            jwt_issuer=ISSUER,
+            jwt_audience=AUDIENCE,
+            jwks_url="https://reader:s3cret@issuer.test/jwks",
+            model_dir="/models/cube-tiny",
+            model_digest="sha256:" + "0" * 64,
+        ).validate()
+    assert "s3cret" not in str(refused.value)
+
+
 def test_verified_token_cache_honours_expiry_and_key_rotation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

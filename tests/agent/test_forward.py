@@ -324,6 +324,26 @@ def test_stream_usage_is_reported_whether_or_not_the_client_asked(
     assert records[-2] == b": cube-usage " + json.dumps(counts).encode()
 
 
+def test_asking_for_stream_usage_keeps_the_clients_bytes(
+    agent: RunningAgent, backend: FakeOpenAI
+) -> None:
+    """The usage request is inserted, not re-encoded: the client's own bytes (spacing, key
+    order, escapes) reach the backend unchanged after it. (Re-encoding a large body held the
+    agent's event loop for as long as json.dumps took.)"""
+    body = (
+        b' {"model" : "cube-tiny",  "stream":true, '
+        b'"messages":[{"role":"user","content":"caf\\u00e9"}]}'
+    )
+    reply = agent.request("POST", CHAT, body=body, token=agent.token())
+    assert reply.status == 200
+    sent = backend.requests_to(CHAT)[-1].body
+    assert sent == b' {"stream_options":{"include_usage":true},' + body[2:]
+    # With stream_options there already (but no usage asked), it is re-encoded with both.
+    extra = chat_body(stream=True, stream_options={"include_usage": False})
+    assert agent.request("POST", CHAT, body=extra, token=agent.token()).status == 200
+    assert backend.requests_to(CHAT)[-1].json()["stream_options"] == {"include_usage": True}
+
+
 def test_text_completions_stream(agent: RunningAgent, backend: FakeOpenAI) -> None:
     body = json.dumps({"model": "cube-tiny", "prompt": "Once", "stream": True}).encode()
     reply = agent.request("POST", "/v1/completions", body=body, token=agent.token())

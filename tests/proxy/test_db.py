@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,16 @@ def test_database_url_forms(tmp_path: Path) -> None:
     assert pg.drivername == "postgresql+asyncpg"
     assert pg.port == 5433 and pg.database == "cube"
     assert database_url("postgres://u@h/d").drivername == "postgresql+asyncpg"
-    for bad in ("", "mysql://u@h/d", "sqlite://", "sqlite:///:memory:"):
-        with pytest.raises(DatabaseError):
+    for bad in (
+        "",
+        "mysql://u@h/d",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "postgresql://u:secret-pw@db.example:notaport/cube",  # was a ValueError traceback
+    ):
+        with pytest.raises(DatabaseError) as refused:
             database_url(bad)
+        assert "secret-pw" not in str(refused.value)
 
 
 def test_described_location_hides_the_password() -> None:
@@ -280,9 +289,17 @@ def test_sqlite_is_durable_on_every_connection(tmp_path: Path) -> None:
 
 
 def test_sqlite_file_is_created_with_its_directory(tmp_path: Path) -> None:
+    """Readable by this user only: it holds the signing keys and the password hashes (it
+    was 0644 in a 0755 directory, whatever the umask let through)."""
     path = tmp_path / "deep" / "er" / "proxy.db"
-    run(_close_after_migrate(str(path)))
+    old_umask = os.umask(0o022)
+    try:
+        run(_close_after_migrate(str(path)))
+    finally:
+        os.umask(old_umask)
     assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 async def _close_after_migrate(url: str) -> None:
@@ -301,7 +318,7 @@ def test_migration_4_counts_the_requests_of_older_usage_rows(database: str) -> N
             async with db.write() as conn:  # back to what version 3 had
                 await conn.execute(sa.text("ALTER TABLE usage DROP COLUMN requests"))
                 await conn.execute(
-                    sa.delete(schema.schema_version).where(schema.schema_version.c.version == 4)
+                    sa.delete(schema.schema_version).where(schema.schema_version.c.version >= 4)
                 )
                 await conn.execute(
                     sa.text(
@@ -309,7 +326,7 @@ def test_migration_4_counts_the_requests_of_older_usage_rows(database: str) -> N
                         "completion_tokens) VALUES (1, 'd', 'u', 'm', 5, 6)"
                     )
                 )
-            assert await migrate(db) == [4]
+            assert await migrate(db) == list(range(4, LATEST + 1))
             async with db.write() as conn:
                 await conn.execute(
                     sa.insert(schema.usage).values(
@@ -329,3 +346,94 @@ def test_migration_4_counts_the_requests_of_older_usage_rows(database: str) -> N
     assert run(body()) == [
         {"user_id": "u", "model": "m", "requests": 3, "prompt_tokens": 15, "completion_tokens": 18}
     ]
+
+
+def test_migration_5_makes_a_backend_url_one_domains(database: str) -> None:
+    """From version 4, where one URL could be a backend of several domains: the upgrade says
+    which URLs to sort out and applies nothing; once they are, the URL is unique."""
+
+    async def body() -> tuple[str, list[int], bool]:
+        db = Database.open(database)
+        try:
+            await migrate(db)
+            async with db.write() as conn:  # back to what version 4 had
+                await conn.execute(sa.text("DROP INDEX uq_backends_url"))
+                await conn.execute(
+                    sa.delete(schema.schema_version).where(schema.schema_version.c.version >= 5)
+                )
+                for domain in ("a", "b"):
+                    await conn.execute(
+                        sa.insert(schema.domains).values(
+                            id=domain, alias=domain, name="", created_at=0, updated_at=0
+                        )
+                    )
+                    await conn.execute(
+                        sa.insert(schema.backends).values(
+                            id=f"{domain}-1",
+                            domain_id=domain,
+                            url="https://10.0.0.5:8443",
+                            kind="vllm",
+                            models="[]",
+                            created_at=0,
+                            updated_at=0,
+                        )
+                    )
+            with pytest.raises(DatabaseError) as refused:
+                await migrate(db)
+            async with db.write() as conn:
+                await conn.execute(sa.delete(schema.backends).where(schema.backends.c.id == "b-1"))
+            applied = await migrate(db)
+            try:
+                async with db.write() as conn:
+                    await conn.execute(
+                        sa.insert(schema.backends).values(
+                            id="b-2",
+                            domain_id="b",
+                            url="https://10.0.0.5:8443",
+                            kind="vllm",
+                            models="[]",
+                            created_at=0,
+                            updated_at=0,
+                        )
+                    )
+                unique = False
+            except sa.exc.IntegrityError:
+                unique = True
+            return str(refused.value), applied, unique
+        finally:
+            await db.close()
+
+    message, applied, unique = run(body())
+    assert "https://10.0.0.5:8443" in message and "several" in message
+    assert applied == list(range(5, LATEST + 1)) and unique
+
+
+def test_migration_6_records_the_aliases_of_existing_domains(database: str) -> None:
+    """From version 5: the aliases of the domains there are recorded as issued, so deleting one
+    of them does not free its alias."""
+
+    async def body() -> tuple[list[int], set[str]]:
+        db = Database.open(database)
+        try:
+            await migrate(db)
+            async with db.write() as conn:  # back to what version 5 had
+                await conn.execute(sa.text("DROP TABLE issued_aliases"))
+                await conn.execute(
+                    sa.delete(schema.schema_version).where(schema.schema_version.c.version >= 6)
+                )
+                for alias in ("acme", "bank"):
+                    await conn.execute(
+                        sa.insert(schema.domains).values(
+                            id=alias, alias=alias, name="", created_at=0, updated_at=0
+                        )
+                    )
+            applied = await migrate(db)
+            async with db.read() as conn:
+                issued = set(
+                    (await conn.execute(sa.select(schema.issued_aliases.c.alias))).scalars()
+                )
+            return applied, issued
+        finally:
+            await db.close()
+
+    assert run(body()) == (list(range(6, LATEST + 1)), {"acme", "bank"})

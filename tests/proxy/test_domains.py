@@ -60,6 +60,11 @@ def test_domain_crud(database: str) -> None:
         with pytest.raises(NotFound):
             await identity.get_domain("acme")
         assert await identity.domain_by_alias("acme") is None
+        # The alias is not given to anyone else: agents configured for it (their tokens'
+        # audience) may still be running, and would take the new domain's tokens.
+        with pytest.raises(Conflict, match="exists or existed"):
+            await identity.create_domain(alias="acme", name="", owner_id=owner_id)
+        assert await identity.domain_by_alias("acme") is None
 
     use_identity(database, body)
 
@@ -213,8 +218,17 @@ def test_backends(database: str) -> None:
         assert await identity.backends(other.id) == []
         with pytest.raises(Conflict):
             await identity.add_backend(acme.id, url="https://10.0.0.5:8443", kind="vllm", models=[])
-        # The same URL may serve another domain (it is its own row there).
-        await identity.add_backend(other.id, url="https://10.0.0.5:8443", kind="vllm", models=[])
+        # Nor in another domain: an agent serves one (another tenant registering it could
+        # spend its evidence rate and knock it out of this domain's service).
+        with pytest.raises(Conflict, match="already a backend"):
+            await identity.add_backend(
+                other.id, url="https://10.0.0.5:8443/", kind="vllm", models=[]
+            )
+        theirs = await identity.add_backend(
+            other.id, url="https://10.0.0.6:8443", kind="vllm", models=[]
+        )
+        with pytest.raises(Conflict):
+            await identity.update_backend(other.id, theirs.id, {"url": "https://10.0.0.5:8443"})
         changed = await identity.update_backend(
             acme.id, second.id, {"enabled": True, "models": ["qwen", "phi"]}
         )

@@ -343,3 +343,13 @@ def test_config_is_validated() -> None:
         identity_config("x.db", issuer_url="ftp://x")
     with pytest.raises(ValueError, match="positive"):
         identity_config("x.db", access_token_ttl=0)
+
+
+def test_a_url_option_the_driver_refuses_is_a_startup_error_without_the_password() -> None:
+    """``?sslmode=require`` (libpq's spelling; asyncpg takes ``ssl=``) made asyncpg raise a
+    TypeError that came out of cube-proxy as a traceback."""
+    database = "postgresql://cube:hunter2-secret@127.0.0.1:1/cube?sslmode=require"
+    with pytest.raises(StartupError, match="driver refused an option") as refused:
+        use_identity(database, _noop)
+    assert "hunter2-secret" not in str(refused.value)
+    assert "ssl=require" in str(refused.value)
