@@ -495,6 +495,13 @@ async def run_exchange(request: web.Request, endpoint: str, handler: Handler) ->
 
 async def read_body(request: web.Request, config: AgentConfig) -> bytes:
     """The request body, refusing more than ``max_body_bytes`` with a 413 (a JSON error)."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding != "identity":
+        # Decoded here, the body would reach the backend under a header that no longer fits
+        # it; undecodable, it failed as a 500. No client of these APIs compresses requests.
+        raise BackendError(
+            415, "request bodies must not be content-encoded", "unsupported_content_encoding"
+        )
     limit = config.max_body_bytes
     too_large = BackendError(
         413, f"the request body exceeds the limit of {limit} bytes", "body_too_large"
@@ -894,13 +901,18 @@ def _inference(endpoint: str, path: str) -> Callable[[web.Request], Awaitable[we
         config = request.app[CONFIG]
         principal = require_principal(request, endpoint)
         body = await read_body(request, config)
-        data = await inspect_body(body)
+        # "Stream" or "STREAM_OPTIONS" would be read by one parser and not another.
+        data = await inspect_body(body, ("model", "stream", "stream_options"))
         # No model: the backend serves its default one, which is the configured model.
         model = model_field(data) or config.model_name
         require_model(config, principal, model)
         exchange.model = metric_model(config, model)
+        stream = data.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # vLLM streams for "true", 1, "yes", "on" too: such a stream would go unmetered.
+            raise BackendError(400, "'stream' must be true or false", "invalid_stream")
         strip_usage = False
-        if data.get("stream") is True and not _asks_for_usage(data):
+        if stream is True and not _asks_for_usage(data):
             # Token counts are metered (and token rate limits charged) whether or not the
             # client asked for them: ask the backend, and give the client what it asked for.
             body = _with_usage_asked(body, data)

@@ -537,18 +537,18 @@ class _Connection(asyncio.Protocol):
                 scanner.feed(chunk)
                 if transport.is_closing():
                     client_gone(ex)
-                    ex.usage = scanner.cut()
+                    ex.usage = scanner.charged()
                     return None
                 end = not ex.delivered and stream_ended(chunk, sealed=sealed)
                 out.add(b"%x\r\n%b\r\n" % (len(chunk), chunk), last_event=end)
                 if end:
-                    ex.usage = scanner.finish()  # the answer is whole: its usage is known now
+                    ex.usage = scanner.charged()  # the answer is whole: its usage is known now
                 if self.paused_writing:
                     try:
                         await self._drain()
                     except ConnectionError:
                         client_gone(ex)
-                        ex.usage = scanner.cut()
+                        ex.usage = scanner.charged()
                         return None
         except UpstreamError:
             # The agent went away mid-stream: end the client's connection without a clean end
@@ -556,17 +556,17 @@ class _Connection(asyncio.Protocol):
             out.flush()
             ex.status = 502
             ex.detail = "agent disconnected mid-stream"
-            ex.usage = scanner.cut()  # whatever counts arrived are charged
+            ex.usage = scanner.charged()  # whatever counts arrived are charged
             transport.abort()
             return None
         except asyncio.CancelledError:
-            ex.usage = scanner.cut()  # the client left: what it was sent is charged
+            ex.usage = scanner.charged()  # the client left: what it was sent is charged
             raise
         except Exception:
             ex.status = 500  # _serve aborts the connection (the head is out)
-            ex.usage = scanner.cut()
+            ex.usage = scanner.charged()
             raise
-        ex.usage = scanner.finish()
+        ex.usage = scanner.charged()
         if gw.settings.durable_audit:
             # The stream's clean end is withheld until its audit row is committed.
             out.flush()

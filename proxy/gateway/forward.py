@@ -528,32 +528,32 @@ async def _relay(
                 if not ex.delivered:
                     ex.status = _STATUS_CLIENT_CLOSED
                     ex.detail = "client disconnected"
-                ex.usage = scanner.cut()
+                ex.usage = scanner.charged()
                 return response
             if not ex.delivered and stream_ended(chunk, sealed=sealed):
                 ex.delivered = True
-                ex.usage = scanner.finish()  # the answer is whole: its usage is known now
+                ex.usage = scanner.charged()  # the answer is whole: its usage is known now
     except UpstreamError:
         # The agent went away mid-stream: end the client's connection without a clean end of
         # stream, so it cannot take a truncated answer for a complete one.
         ex.status = 502
         ex.detail = "agent disconnected mid-stream"
-        ex.usage = scanner.cut()  # whatever counts arrived are charged
+        ex.usage = scanner.charged()  # whatever counts arrived are charged
         if request.transport is not None:
             request.transport.abort()
         return response
     except asyncio.CancelledError:
-        ex.usage = scanner.cut()  # the client left: what it was sent is charged
+        ex.usage = scanner.charged()  # the client left: what it was sent is charged
         raise
     except Exception:
         # The head went out: a 500 written now would land inside the stream (and end it
         # cleanly); the client must see a cut instead.
         ex.status = 500
-        ex.usage = scanner.cut()
+        ex.usage = scanner.charged()
         if request.transport is not None:
             request.transport.abort()
         raise
-    ex.usage = scanner.finish()
+    ex.usage = scanner.charged()
     if gw.settings.durable_audit:
         # The stream's clean end is withheld until its audit row is committed.
         waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
@@ -685,7 +685,7 @@ def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Futu
 def _with_estimate(detail: str | None, usage: Usage | None) -> str | None:
     if usage is None or not usage.estimated:
         return detail
-    note = "completion tokens counted from the records relayed (the stream ended before its usage)"
+    note = "completion tokens counted from the records relayed (no usage came with the stream)"
     return note if detail is None else f"{detail}; {note}"
 
 

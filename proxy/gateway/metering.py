@@ -10,10 +10,10 @@ body, or in a stream's last records; the last one counts, as vLLM may repeat it 
 Ollama's carry ``prompt_eval_count`` and ``eval_count`` in the final object. A ``"usage"`` inside
 generated text cannot match: JSON escapes its quotes.
 
-A stream that ends before its counts arrive (the client leaves, the agent dies) is charged
-one completion token per record relayed (SSE ``data:`` lines, NDJSON objects; about one token
-each), its audit row saying so: a client cannot read a whole answer and close just before the
-usage to escape token limits.
+A stream whose counts never arrive (the client leaves, the agent dies or sends none) is
+charged one completion token per record relayed (SSE ``data:`` lines, NDJSON objects; about
+one token each), its audit row saying so: a client cannot read a whole answer and close just
+before the usage to escape token limits.
 
 End-to-end encrypted answers (docs/e2e-encryption.md) are opaque, so the agent reports their
 token counts in plaintext: a whole answer in the response header
@@ -148,11 +148,11 @@ class UsageScanner:
             self._carry = b""
         return self.usage
 
-    def cut(self) -> Usage:
-        """The usage of a stream that ended early (the client left, the agent died): the
-        backend's counts if they arrived, else as many completion tokens as records were
-        relayed — so a client cannot take a whole answer and leave just before its counts to
-        escape token limits."""
+    def charged(self) -> Usage:
+        """The usage to charge for a stream: the backend's counts if they arrived, else as
+        many completion tokens as records were relayed — so neither a client leaving just
+        before the counts nor an agent that never sends them (not a cube agent, or a request
+        its backend streamed without being asked for usage) escapes token limits."""
         usage = self.finish()
         if usage.completion_tokens is None and self.records:
             return Usage(usage.prompt_tokens, self.records, estimated=True)

@@ -654,6 +654,14 @@ def test_no_token_forwards_nothing(agent: RunningAgent, backend: FakeOpenAI) -> 
         (b'["model", "cube-tiny"]', "invalid_json"),
         (b'{"model": "cube-tiny\xff"}', "invalid_body"),
         ('{"model": "cube-tiny"}'.encode("utf-16"), "invalid_body"),
+        # vLLM streams for these too, and the stream would not be metered.
+        (b'{"model": "cube-tiny", "messages": [], "stream": "true"}', "invalid_stream"),
+        (b'{"model": "cube-tiny", "messages": [], "stream": 1}', "invalid_stream"),
+        (b'{"model": "cube-tiny", "messages": [], "Stream": true}', "ambiguous_field"),
+        (
+            b'{"model": "cube-tiny", "messages": [], "stream": true, "STREAM_OPTIONS": {}}',
+            "ambiguous_field",
+        ),
     ],
 )
 def test_bodies_the_backend_could_read_differently_are_400(
@@ -663,6 +671,26 @@ def test_bodies_the_backend_could_read_differently_are_400(
     reply = agent.request("POST", CHAT, body=body, token=token)
     assert reply.status == 400
     assert assert_openai_error(reply.body, "invalid_request_error")["code"] == code
+    assert backend.requests_to(CHAT) == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_content_encoded_request_body_is_refused(
+    agent: RunningAgent, backend: FakeOpenAI, encoding: str
+) -> None:
+    """Decoded, it reached the backend still labelled encoded (llama-server answered 415);
+    not decodable, it was a 500 with a traceback. Nobody's client compresses these."""
+    import gzip
+
+    reply = agent.request(
+        "POST",
+        CHAT,
+        body=gzip.compress(chat_body()) if encoding == "gzip" else b"\x00\x01not-compressed",
+        token=agent.token(),
+        headers={"Content-Encoding": encoding},
+    )
+    assert reply.status == 415
+    assert assert_openai_error(reply.body)["code"] == "unsupported_content_encoding"
     assert backend.requests_to(CHAT) == []
 
 

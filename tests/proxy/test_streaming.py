@@ -309,6 +309,24 @@ def test_usage_scanner_streams_split_anywhere() -> None:
     assert scanner.finish().completion_tokens == 4
 
 
+def test_a_stream_without_usage_is_charged_the_records_relayed() -> None:
+    """An agent that sends no counts (not a cube agent, or its backend ignored the request
+    for them): each SSE data line or NDJSON object relayed counts as one completion token."""
+    scanner = UsageScanner()
+    for n in range(5):
+        scanner.feed(b'data: {"choices":[{"delta":{"content":"%d"}}]}\n\n' % n)
+    usage = scanner.charged()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (None, 5, True)
+    ndjson = UsageScanner()
+    ndjson.feed(b'{"message":{"content":"a"},"done":false}\n{"message":{"content":"b"},')
+    ndjson.feed(b'"done":false}\n')
+    assert ndjson.charged().completion_tokens == 2
+    # With the backend's own counts, those are charged, not the estimate.
+    counted = UsageScanner()
+    counted.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}\n\n')
+    assert (counted.charged().completion_tokens, counted.charged().estimated) == (9, False)
+
+
 @pytest.mark.parametrize("framing", ["sse", "ndjson"])
 def test_the_end_of_a_sealed_stream_is_recognised(framing: str) -> None:
     """A client closing right after a sealed stream's end marker got the whole answer (the
