@@ -484,8 +484,23 @@ _NDJSON_DONE: Final = re.compile(rb'"done"\s*:\s*true')
 
 
 def is_last_event(plaintext: bytes) -> bool:
-    """Whether a backend's record ends its stream (OpenAI's ``[DONE]``, Ollama's ``done``)."""
-    return SSE_DONE.search(plaintext) is not None or _NDJSON_DONE.search(plaintext) is not None
+    """Whether a backend's records end its stream (OpenAI's ``[DONE]``, Ollama's top-level
+    ``"done": true`` — not one inside a tool call's arguments, after which the rest of the
+    stream was held back as if it had ended)."""
+    if SSE_DONE.search(plaintext) is not None:
+        return True
+    if _NDJSON_DONE.search(plaintext) is None:
+        return False  # the usual line: no parse
+    for line in plaintext.splitlines():
+        if _NDJSON_DONE.search(line) is None:
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict) and value.get("done") is True:
+            return True
+    return False
 
 
 class StreamDecoder:

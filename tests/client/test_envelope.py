@@ -377,3 +377,13 @@ def test_the_cache_is_bounded_and_fails_closed() -> None:
     clock.now += 601
     cache.admit(b"z" * 32, int(clock.now))
     assert len(cache) == 1
+
+
+def test_an_ollama_stream_ends_at_its_top_level_done_only() -> None:
+    """A tool call's arguments may hold ``"done": true``: that line is not the end (the rest
+    of a sealed Ollama stream was held back until the real end); the top-level one is."""
+    tool = b'{"message":{"tool_calls":[{"function":{"arguments":{"done": true}}}]},"done":false}\n'
+    assert not e2e.is_last_event(tool)
+    assert e2e.is_last_event(tool + b'{"message":{"content":""},"done":true,"eval_count":3}\n')
+    assert e2e.is_last_event(b"data: [DONE]\n\n")
+    assert not e2e.is_last_event(b'data: {"choices":[]}\n\n')
