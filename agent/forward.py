@@ -493,6 +493,10 @@ async def run_exchange(request: web.Request, endpoint: str, handler: Handler) ->
     return response
 
 
+#: How long a request body may take to arrive (the proxy's own request deadline is 60 s).
+BODY_READ_SECONDS = 60.0
+
+
 async def read_body(request: web.Request, config: AgentConfig) -> bytes:
     """The request body, refusing more than ``max_body_bytes`` with a 413 (a JSON error)."""
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
@@ -509,9 +513,15 @@ async def read_body(request: web.Request, config: AgentConfig) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        body = await request.read()
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
+    except TimeoutError:
+        # A body that stops arriving holds a connection and its buffers: not for ever.
+        raise BackendError(
+            408, f"the request body did not arrive within {BODY_READ_SECONDS:.0f} s", "timeout"
+        ) from None
     if len(body) > limit:
         raise too_large
     try:

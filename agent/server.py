@@ -69,6 +69,11 @@ log = logging.getLogger("cube.agent")
 EXIT_CONFIG = 2
 EXIT_ENVIRONMENT = 1
 SHUTDOWN_TIMEOUT = 10.0
+#: A connection that has not sent a whole request head this long after it opened is closed:
+#: aiohttp's keep-alive timer leaves a connection that never sent one open for ever, so idle
+#: or trickling peers could hold every file descriptor (the agent then stopped answering).
+REQUEST_HEAD_SECONDS = 30.0
+_SWEEP_SECONDS = 5.0
 MAX_HEADER_BYTES = 32 * 1024
 
 
@@ -332,6 +337,7 @@ class AgentServer:
         )
         self.app[KEY_ROTATION] = self.rotation
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     @property
@@ -363,6 +369,7 @@ class AgentServer:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from exc
         self._runner = runner
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(runner))
         self.rotation.start()
         sockets = [s for s in (runner.addresses or [])]
         self.port = int(sockets[0][1]) if sockets else config.port
@@ -379,7 +386,29 @@ class AgentServer:
             },
         )
 
+    async def _sweep(self, runner: web.AppRunner) -> None:
+        """Close connections that sent no complete request head within REQUEST_HEAD_SECONDS."""
+        opened: dict[object, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            server = runner.server
+            if server is None:
+                continue
+            now = loop.time()
+            handlers = server.connections
+            opened = {h: opened.get(h, now) for h in handlers}  # forget the closed ones
+            for handler in handlers:
+                # (aiohttp counts a request once its head is parsed; private, pinned by a test)
+                if handler._request_count == 0 and now - opened[handler] > REQUEST_HEAD_SECONDS:
+                    handler.force_close()
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self.rotation.close()
         if self._runner is not None:
             await self._runner.cleanup()

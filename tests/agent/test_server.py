@@ -9,6 +9,7 @@ a real swtpm. Then the refusals, the private key's absence from disk, and the co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -16,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -495,3 +497,56 @@ def test_running_agent_fixture_exposes_what_b_needs(start_agent: StartAgent) -> 
     assert agent.cert_pem.startswith(b"-----BEGIN CERTIFICATE-----")
     assert agent.get("/health").status == 200
     assert agent.config.jwt_issuer == ISSUER and agent.config.jwt_audience == AUDIENCE
+
+
+def test_a_connection_that_sends_no_request_head_is_closed(
+    start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the TLS handshake a peer that stays silent, or trickles a head it never ends, is
+    closed; one that finished a request is left to the keep-alive timer. (aiohttp's own timer
+    never closes a connection that sent no request: idle peers held every descriptor.)"""
+    import agent.server as server_module
+
+    monkeypatch.setattr(server_module, "REQUEST_HEAD_SECONDS", 1.0)
+    monkeypatch.setattr(server_module, "_SWEEP_SECONDS", 0.5)
+    agent = start_agent()
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection((agent.host, agent.port), timeout=10)
+        return unverified_context().wrap_socket(raw, server_hostname=agent.host)
+
+    silent, trickling, served = connect(), connect(), connect()
+    trickling.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n")  # never ends its head
+    served.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert served.recv(65536).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    for sock in (silent, trickling):
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):  # (closed, either way)
+            assert sock.recv(1) == b""  # closed by the agent
+    assert time.monotonic() - started < 8
+    served.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        served.recv(1)  # still open: it is aiohttp's keep-alive that ends this one
+    for sock in (silent, trickling, served):
+        sock.close()
+
+
+def test_a_body_that_stops_arriving_is_a_408(
+    start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.forward as forward
+
+    monkeypatch.setattr(forward, "BODY_READ_SECONDS", 1.0)
+    agent = start_agent()
+    raw = socket.create_connection((agent.host, agent.port), timeout=10)
+    sock = unverified_context().wrap_socket(raw, server_hostname=agent.host)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {agent.token()}\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"model":'
+    )
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert b'"code": "timeout"' in answer or b'"code":"timeout"' in answer
