@@ -196,8 +196,10 @@ def chat(
     """Chat with a verified agent (directly or through a proxy domain), streaming the answer.
 
     \b
-    echo "hello" | cube chat https://proxy.example/acme --policy policy.json --api-key "$PAT"
-    cube chat https://127.0.0.1:8443 --policy policy.json --token "$JWT" --no-encrypt
+    echo "hello" | CUBE_API_KEY="$PAT" cube chat https://proxy.example/acme --policy policy.json
+    CUBE_API_KEY="$JWT" cube chat https://127.0.0.1:8443 --policy policy.json --no-encrypt
+
+    (The key in the environment, not as --api-key: arguments are visible to every user in ps.)
     """
     source = reference_source(policy_path, reference_path)
     if not api_key:
