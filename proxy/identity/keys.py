@@ -65,6 +65,8 @@ ACCESS_AUDIENCE = "urn:cube:proxy"
 LEEWAY_SECONDS = 30
 _ENC_PREFIX = "enc:v1:"
 _RELOAD_MIN_INTERVAL = 1.0
+# Any constant other than the migrations': serializes signing-key rotation across replicas.
+_LOCK_KEY = 0x4B455953  # "KEYS"
 
 
 class KeyError_(Exception):  # not the builtin KeyError
@@ -204,6 +206,10 @@ class KeyRing:
         kid = uuid.uuid4().hex[:16]
         private = Ed25519PrivateKey.generate()
         async with self._db.write() as conn:
+            if self._db.dialect == "postgresql":
+                # FOR UPDATE below locks no row while there is none: replicas creating the
+                # first key at once would each add one. (SQLite's write lock already is one.)
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
             current = (
                 (
                     await conn.execute(

@@ -42,6 +42,9 @@ _MAX_JWKS = 1024 * 1024
 _MIN_REFETCH_SECONDS = 10.0
 
 
+_MIN_RSA_BITS = 2048
+
+
 class JwksError(ValueError):
     """The JWKS document is unusable."""
 
@@ -68,6 +71,8 @@ def parse_jwks(data: bytes) -> dict[str, _Key]:
         kid, kty = jwk.get("kid"), jwk.get("kty")
         if not isinstance(kid, str) or not kid or kid in out:
             raise JwksError("a JWKS entry has a missing or duplicate kid")
+        if not all(isinstance(jwk.get(k, ""), str) for k in ("kty", "alg", "use")):
+            raise JwksError(f"JWKS key {kid}: kty, alg and use must be strings")
         if kty not in _KTY_ALGS:
             raise JwksError(f"JWKS key {kid}: unsupported key type")
         if "d" in jwk:
@@ -82,8 +87,14 @@ def parse_jwks(data: bytes) -> dict[str, _Key]:
             algorithms = frozenset({str(alg)})
         try:
             key = jwt.PyJWK(jwk, algorithm=sorted(algorithms)[0]).key
-        except jwt.PyJWKError as exc:
-            raise JwksError(f"JWKS key {kid} is invalid") from exc
+        # Not only PyJWKError: an unknown curve or a missing member is InvalidKeyError, and a
+        # malformed member may be a TypeError or ValueError.
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            raise JwksError(f"JWKS key {kid} is invalid ({type(exc).__name__})") from None
+        bits = getattr(key, "key_size", None)
+        if kty == "RSA" and (not isinstance(bits, int) or bits < _MIN_RSA_BITS):
+            # PyJWT only warns about short keys: a 512-bit issuer key is factorable.
+            raise JwksError(f"JWKS key {kid}: an RSA key of {bits} bits ({_MIN_RSA_BITS} at least)")
         out[kid] = _Key(key, algorithms)
     return out
 
@@ -129,7 +140,9 @@ class OidcVerifier:
         """Periodic re-read; a failure keeps the previous keys (logged)."""
         try:
             await self.reload()
-        except (OSError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+        # Whatever the issuer serves: a refresh that raised killed the periodic refresh task
+        # (signing-key rotation with it) and made token checks answer 500.
+        except Exception as exc:
             log.warning("could not refresh the OIDC JWKS: %s", type(exc).__name__)
 
     def is_ours(self, unverified_claims: dict[str, Any]) -> bool:

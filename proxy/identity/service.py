@@ -266,7 +266,10 @@ class Identity:
             except Exception as exc:
                 log.warning("pruning login attempts failed: %s", type(exc).__name__)
             if self.oidc is not None and time.monotonic() >= oidc_due:
-                await self.oidc.refresh()
+                try:
+                    await self.oidc.refresh()
+                except Exception as exc:  # (refresh logs its own; this loop must not end)
+                    log.warning("OIDC JWKS refresh failed: %s", type(exc).__name__)
                 oidc_due = time.monotonic() + self.oidc.config.jwks_refresh_seconds
 
     async def close(self) -> None:
@@ -342,7 +345,14 @@ class Identity:
         if admins:
             log.info("admin bootstrap skipped: a platform administrator exists")
             return None
-        user = await self.create_user(email=email, password=password, name="admin", is_admin=True)
+        try:
+            user = await self.create_user(
+                email=email, password=password, name="admin", is_admin=True
+            )
+        except Conflict:
+            # Another replica, starting at the same moment, created it first.
+            log.info("admin bootstrap skipped: another replica created the administrator")
+            return None
         log.info("bootstrapped the first platform administrator", extra={"user_id": user.id})
         return user
 
@@ -814,15 +824,15 @@ class Identity:
 
     async def authenticate_principal(self, bearer: str) -> Principal:
         """Who presents this bearer (access JWT, PAT or OIDC token), at the user level."""
-        cached = self._cache.get(("principal", credentials.secret_hash(bearer)))
-        if cached is not None:
-            principal: Principal = cached
-            return principal
-        principal = await self._authenticate_principal(bearer)
-        self._cache.put(
-            ("principal", credentials.secret_hash(bearer)),
-            principal,
-            expires_at=principal.expires_at,
+
+        async def load() -> tuple[Principal, float | None]:
+            found = await self._authenticate_principal(bearer)
+            return found, found.expires_at
+
+        # Through load(), which stores under the generation the lookup started in: a logout or
+        # a disable committed meanwhile (clearing the cache) is not undone by this answer.
+        principal: Principal = await self._cache.load(
+            ("principal", credentials.secret_hash(bearer)), load
         )
         return principal
 

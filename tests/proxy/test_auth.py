@@ -300,6 +300,31 @@ def test_logout_is_seen_at_once_despite_the_auth_cache(tmp_path: Path) -> None:
     use_identity(str(tmp_path / "p.db"), body, auth_cache_seconds=60)
 
 
+def test_a_logout_during_a_lookup_is_not_undone_by_its_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup read the session as live; a logout committed (and cleared the cache) before
+    it returned: that answer must not be cached over the logout (it was, for the cache's
+    lifetime, on the admin API's path)."""
+
+    async def body(identity: Identity) -> None:
+        pair = await identity.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        read_session = identity._access_principal
+
+        async def racing(token: str) -> Any:
+            principal = await read_session(token)  # the database says: live
+            await identity.logout(session_id=principal.session_id)  # commits meanwhile
+            return principal
+
+        monkeypatch.setattr(identity, "_access_principal", racing)
+        await identity.authenticate_principal(pair.access_token)  # the in-flight answer
+        monkeypatch.setattr(identity, "_access_principal", read_session)
+        with pytest.raises(Unauthorized):
+            await identity.authenticate_principal(pair.access_token)
+
+    use_identity(str(tmp_path / "p.db"), body, auth_cache_seconds=60)
+
+
 # -- signing keys --------------------------------------------------------------------------------
 
 
@@ -538,6 +563,44 @@ def test_oidc_config_requires_one_jwks_source(tmp_path: Path) -> None:
             _noop,
             oidc=OidcConfig(issuer="https://i", audience="a", jwks_file=bad),
         )
+
+
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        {"kty": "EC", "kid": "k", "crv": "P-999", "x": "AAAA", "y": "AAAA"},  # InvalidKeyError
+        {"kty": "RSA", "kid": "k", "e": "AQAB"},  # no modulus
+        {"kty": ["RSA"], "kid": "k"},  # an unhashable kty (a TypeError)
+        {"kty": "RSA", "kid": "k", "alg": {"x": 1}},
+    ],
+)
+def test_an_oidc_jwks_entry_pyjwt_cannot_build_is_a_jwks_error(jwk: dict[str, Any]) -> None:
+    """Refused as the JWKS it is (the previous keys stay), never another exception: one that
+    escaped killed the periodic refresh task and made token checks answer 500."""
+    from proxy.identity.oidc import JwksError
+    from proxy.identity.oidc import parse_jwks as parse_oidc_jwks
+
+    with pytest.raises(JwksError):
+        parse_oidc_jwks(json.dumps({"keys": [jwk]}).encode())
+
+
+def test_a_short_rsa_key_of_the_oidc_issuer_is_refused() -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from proxy.identity.oidc import JwksError
+    from proxy.identity.oidc import parse_jwks as parse_oidc_jwks
+
+    def jwk(bits: int) -> dict[str, str]:
+        numbers = rsa.generate_private_key(65537, bits).public_key().public_numbers()
+        n = numbers.n.to_bytes((bits + 7) // 8, "big")
+        encoded = base64.urlsafe_b64encode(n).rstrip(b"=").decode()
+        return {"kty": "RSA", "kid": f"k{bits}", "n": encoded, "e": "AQAB", "alg": "RS256"}
+
+    with pytest.raises(JwksError, match="1024 bits"):
+        parse_oidc_jwks(json.dumps({"keys": [jwk(1024)]}).encode())
+    assert set(parse_oidc_jwks(json.dumps({"keys": [jwk(2048)]}).encode())) == {"k2048"}
 
 
 def test_run_helper_is_isolated() -> None:

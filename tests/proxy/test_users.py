@@ -353,3 +353,26 @@ def test_a_url_option_the_driver_refuses_is_a_startup_error_without_the_password
         use_identity(database, _noop)
     assert "hunter2-secret" not in str(refused.value)
     assert "ssl=require" in str(refused.value)
+
+
+def test_replicas_starting_together_on_an_empty_database_both_start(database: str) -> None:
+    """One bootstraps the administrator and the first signing key; the other finds them (it
+    crashed with a Conflict traceback, and on PostgreSQL both added a first key)."""
+
+    async def main() -> tuple[list[BaseException], list[str]]:
+        opened = await asyncio.gather(
+            Identity.open(identity_config(database)),
+            Identity.open(identity_config(database)),
+            return_exceptions=True,
+        )
+        failures = [r for r in opened if isinstance(r, BaseException)]
+        active: list[str] = []
+        for identity in opened:
+            if isinstance(identity, Identity):
+                active = [k["kid"] for k in identity.keys.kids() if k["retired_at"] is None]
+                await identity.close()
+        return failures, active
+
+    failures, active = run(main())
+    assert failures == []
+    assert len(active) == 1  # one signing key in use, not one per replica
