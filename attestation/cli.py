@@ -173,7 +173,7 @@ _common_inputs = [
     click.option("--nonce", help="Hex nonce the evidence must answer (with --evidence)."),
 ]
 _common_flags = [
-    click.option("--policy", "policy_path", type=_FILE, help="A cube-policy/1 file."),
+    click.option("--policy", type=_FILE, help="A cube-policy/1 file."),
     click.option(
         "--accept-tcb-status",
         multiple=True,
@@ -196,7 +196,7 @@ _common_flags = [
         help="Verify as of this time (default: now).",
         allow_from_autoenv=False,
     ),
-    click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    click.option("--json", is_flag=True, help="Print one JSON object."),
     click.option("--explain", is_flag=True, help="List every check with expected and actual."),
 ]
 
@@ -299,14 +299,14 @@ def verify(**kwargs: Any) -> None:
             inp,
             mode=mode,
             now=now,
-            policy_path=kwargs["policy_path"],
+            policy_path=kwargs["policy"],
             accept_tcb_status=tuple(kwargs["accept_tcb_status"]),
             allow_simulated=kwargs["allow_simulated"],
             checks=checks,
             outcome=outcome,
         ),
     )
-    _finish(outcome, as_json=kwargs["as_json"], explain=kwargs["explain"])
+    _finish(outcome, as_json=kwargs["json"], explain=kwargs["explain"])
 
 
 @attest.command()
@@ -319,9 +319,9 @@ def show(**kwargs: Any) -> None:
     inp = _inputs(kwargs)
     mode = _check_usage(inp, need_nonce=False)
     outcome = _guard(mode, lambda checks, outcome: impl.run_show(inp, mode=mode, outcome=outcome))
-    _emit(outcome, as_json=kwargs["as_json"], explain=False, verdict=False)
+    _emit(outcome, as_json=kwargs["json"], explain=False, verdict=False)
     if outcome.error is not None:
-        if not kwargs["as_json"]:
+        if not kwargs["json"]:
             click.echo(f"error: {outcome.error.message}", err=True)
         sys.exit(outcome.error.exit_code)
 

@@ -210,7 +210,9 @@ def users_list(client: _Client, limit: int, offset: int) -> None:
 @users.command("create")
 @click.argument("email")
 @click.option("--name", default="")
-@click.option("--admin", "is_admin", is_flag=True, help="A platform administrator.")
+@click.option(
+    "--admin", "is_admin", is_flag=True, help="A platform administrator.", allow_from_autoenv=False
+)
 @click.option("--password-stdin", is_flag=True)
 @click.option("--no-password", is_flag=True, help="No password login (e.g. OIDC only).")
 @pass_client
@@ -240,7 +242,8 @@ def users_get(client: _Client, user_id: str) -> None:
 @click.argument("user_id")
 @click.option("--name", default=None)
 @click.option("--email", default=None)
-@click.option("--admin/--no-admin", "is_admin", default=None)
+# Granting platform-admin powers and skipping a confirmation are said on the command line only.
+@click.option("--admin/--no-admin", "is_admin", default=None, allow_from_autoenv=False)
 @click.option("--password-stdin", is_flag=True, help="Set a new password (read from stdin).")
 @pass_client
 def users_update(
@@ -331,7 +334,7 @@ def domains_update(client: _Client, domain: str, name: str) -> None:
 
 @domains.command("delete")
 @click.argument("domain")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.", allow_from_autoenv=False)
 @pass_client
 def domains_delete(client: _Client, domain: str, yes: bool) -> None:
     if not yes:
@@ -409,12 +412,19 @@ def tokens_list(client: _Client, domain: str | None) -> None:
     "--action",
     "actions",
     multiple=True,
+    allow_from_autoenv=False,  # a token's powers are said on the command line
     type=click.Choice(
         ["inference", "read_audit", "manage_domain", "manage_members", "manage_backends"]
     ),
     help="Repeatable; default: inference.",
 )
-@click.option("--model", "models", multiple=True, help="Repeatable; default: any model.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Repeatable; default: any model.",
+    allow_from_autoenv=False,
+)
 @click.option("--expires-in", type=click.IntRange(min=1), default=None, help="Seconds.")
 @pass_client
 def tokens_create(
@@ -472,7 +482,9 @@ def backends_list(client: _Client, domain: str) -> None:
 @click.argument("domain")
 @click.argument("url")
 @click.option("--kind", type=click.Choice(["vllm", "openai", "ollama"]), default="vllm")
-@click.option("--model", "models", multiple=True, required=True, help="Repeatable.")
+@click.option(
+    "--model", "models", multiple=True, required=True, help="Repeatable.", allow_from_autoenv=False
+)
 @click.option("--disabled", is_flag=True)
 @pass_client
 def backends_add(
@@ -487,8 +499,14 @@ def backends_add(
 @click.argument("backend_id")
 @click.option("--url", default=None)
 @click.option("--kind", type=click.Choice(["vllm", "openai", "ollama"]), default=None)
-@click.option("--model", "models", multiple=True, help="Repeatable; replaces the list.")
-@click.option("--enable/--disable", "enabled", default=None)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Repeatable; replaces the list.",
+    allow_from_autoenv=False,
+)
+@click.option("--enable/--disable", "enabled", default=None, allow_from_autoenv=False)
 @pass_client
 def backends_update(
     client: _Client,

@@ -62,6 +62,7 @@ def _write_all(files: dict[Path, str | None]) -> None:
 @click.option(
     "--measurements",
     "measurements_out",
+    envvar="CUBE_MEASURE_MEASUREMENTS",
     type=click.Path(dir_okay=False, path_type=Path),
     help="measurements file to write (default BUILD_DIR/measurements.json)",
 )
@@ -70,6 +71,8 @@ def _write_all(files: dict[Path, str | None]) -> None:
     default=",".join(str(p) for p in DEFAULT_PCRS),
     show_default=True,
     help="vTPM PCRs (sha256 bank) to pin in the policy",
+    # What weakens the policy written is said on the command line only (as cube attest's).
+    allow_from_autoenv=False,
 )
 @click.option(
     "--kernel-load-measured/--kernel-load-not-measured",
@@ -77,18 +80,21 @@ def _write_all(files: dict[Path, str | None]) -> None:
     show_default=True,
     help="PCR 4 also holds the embedded kernel's Authenticode hash (systemd-stub 257 loads it "
     "through LoadImage; newer stubs with Secure Boot off do not)",
+    allow_from_autoenv=False,
 )
 @click.option(
     "--require-event-log/--no-require-event-log",
     default=True,
     show_default=True,
     help="policy.vtpm.require_event_log: the quote's PCRs must replay from the firmware event log",
+    allow_from_autoenv=False,
 )
 @click.option(
     "--pcr11-phases",
     default="",
     help="systemd-pcrphase strings the image extends into PCR 11 before the agent quotes, "
     "colon-separated (e.g. enter-initrd:leave-initrd:sysinit:ready); default none",
+    allow_from_autoenv=False,
 )
 @click.option(
     "--ovmf",
@@ -99,6 +105,7 @@ def _write_all(files: dict[Path, str | None]) -> None:
 @click.option(
     "--vcpu-type",
     "vcpu_types",
+    envvar="CUBE_MEASURE_VCPU_TYPE",
     default="EPYC-v4,EPYC-Milan,EPYC-Genoa",
     show_default=True,
     help="SNP: vCPU types (sev-snp-measure names)",
