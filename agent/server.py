@@ -73,6 +73,10 @@ SHUTDOWN_TIMEOUT = 10.0
 #: aiohttp's keep-alive timer leaves a connection that never sent one open for ever, so idle
 #: or trickling peers could hold every file descriptor (the agent then stopped answering).
 REQUEST_HEAD_SECONDS = 30.0
+#: ... and one that sends no further whole head this long after its last request (a head
+#: trickled a line every few seconds would keep aiohttp's keep-alive timer from firing).
+#: Longer than the proxy keeps an idle connection (30 s), so it never races a reuse.
+IDLE_SECONDS = 60.0
 _SWEEP_SECONDS = 5.0
 MAX_HEADER_BYTES = 32 * 1024
 
@@ -387,8 +391,9 @@ class AgentServer:
         )
 
     async def _sweep(self, runner: web.AppRunner) -> None:
-        """Close connections that sent no complete request head within REQUEST_HEAD_SECONDS."""
-        opened: dict[object, float] = {}
+        """Close connections that make no progress: no whole request head REQUEST_HEAD_SECONDS
+        after opening, or none IDLE_SECONDS after the last one, while nothing is answered."""
+        seen: dict[object, tuple[int, float]] = {}  # handler -> (requests, since when)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_SWEEP_SECONDS)
@@ -396,12 +401,20 @@ class AgentServer:
             if server is None:
                 continue
             now = loop.time()
-            handlers = server.connections
-            opened = {h: opened.get(h, now) for h in handlers}  # forget the closed ones
-            for handler in handlers:
+            current: dict[object, tuple[int, float]] = {}
+            for handler in server.connections:
                 # (aiohttp counts a request once its head is parsed; private, pinned by a test)
-                if handler._request_count == 0 and now - opened[handler] > REQUEST_HEAD_SECONDS:
+                count = handler._request_count
+                previous = seen.get(handler)
+                busy = handler._request_in_progress  # (a long answer is progress too)
+                since = now
+                if previous is not None and previous[0] == count and not busy:
+                    since = previous[1]
+                current[handler] = (count, since)
+                limit = REQUEST_HEAD_SECONDS if count == 0 else IDLE_SECONDS
+                if now - since > limit:
                     handler.force_close()
+            seen = current  # (closed connections are forgotten)
 
     async def stop(self) -> None:
         if self._sweeper is not None:

@@ -508,6 +508,7 @@ def test_a_connection_that_sends_no_request_head_is_closed(
     import agent.server as server_module
 
     monkeypatch.setattr(server_module, "REQUEST_HEAD_SECONDS", 1.0)
+    monkeypatch.setattr(server_module, "IDLE_SECONDS", 6.0)
     monkeypatch.setattr(server_module, "_SWEEP_SECONDS", 0.5)
     agent = start_agent()
 
@@ -515,20 +516,35 @@ def test_a_connection_that_sends_no_request_head_is_closed(
         raw = socket.create_connection((agent.host, agent.port), timeout=10)
         return unverified_context().wrap_socket(raw, server_hostname=agent.host)
 
-    silent, trickling, served = connect(), connect(), connect()
-    trickling.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n")  # never ends its head
-    served.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert served.recv(65536).startswith(b"HTTP/1.1 200")
-    started = time.monotonic()
-    for sock in (silent, trickling):
+    def closed_by_the_agent(sock: ssl.SSLSocket) -> bool:
         sock.settimeout(10)
         with contextlib.suppress(ConnectionResetError, ssl.SSLError):  # (closed, either way)
-            assert sock.recv(1) == b""  # closed by the agent
-    assert time.monotonic() - started < 8
+            return sock.recv(1) == b""
+        return True
+
+    silent, trickling, served, second = connect(), connect(), connect(), connect()
+    trickling.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n")  # never ends its head
+    for sock in (served, second):
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    time.sleep(2.5)  # past the head deadline (1 s) and a few sweeps, within the idle time
     served.settimeout(0.2)
     with pytest.raises(TimeoutError):
-        served.recv(1)  # still open: it is aiohttp's keep-alive that ends this one
-    for sock in (silent, trickling, served):
+        served.recv(1)  # still open: it finished a request, and is idle for less than 6 s
+    assert closed_by_the_agent(silent) and closed_by_the_agent(trickling)
+    assert time.monotonic() - started < 8
+    # A second head trickled a line at a time (aiohttp's keep-alive timer never fired).
+    second.sendall(b"GET /health HTTP/1.1\r\n")
+    for _ in range(30):
+        try:
+            second.sendall(b"X-Slow: 1\r\n")
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            break
+        time.sleep(0.5)
+    assert closed_by_the_agent(second)
+    assert time.monotonic() - started < 16
+    for sock in (silent, trickling, served, second):
         sock.close()
 
 
