@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import click
 
@@ -242,17 +242,36 @@ def _inputs(kwargs: dict[str, Any]) -> Inputs:
     return Inputs(**values)
 
 
+#: Inputs of one kind of evidence only: given with another, they would be silently ignored
+#: (and a user would think, say, a CRL was checked).
+_SNP_ONLY: Final = ("report", "vcek", "cert_chain", "crl")
+_TDX_ONLY: Final = ("quote", "collateral", "tcb_info", "qe_identity", "pck_crl", "root_crl")
+_RAW: Final = (*_SNP_ONLY, *_TDX_ONLY, "hcl_report")
+
+
+def _refuse_unused(inp: Inputs, names: tuple[str, ...], where: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(inp, n) is not None]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)} are not inputs of {where}: they would be ignored"
+        )
+
+
 def _check_usage(inp: Inputs, *, need_nonce: bool) -> str:
     """Validate the combination of inputs; return the platform to verify."""
     if inp.evidence is not None:
         if inp.platform is not None:
             raise click.UsageError("--evidence carries its own platform; omit --platform")
+        _refuse_unused(inp, _RAW, "--evidence (the document carries its own)")
         if need_nonce and inp.nonce is None:
             raise click.UsageError("--evidence needs --nonce (the nonce you sent)")
         return "evidence"
     if inp.platform is None:
         raise click.UsageError("give --platform with raw evidence, or --evidence")
     base = inp.platform.removeprefix("sim-")
+    if inp.nonce is not None:
+        raise click.UsageError("--nonce goes with --evidence (raw reports carry no cube nonce)")
+    _refuse_unused(inp, _TDX_ONLY if base == "sev-snp" else _SNP_ONLY, f"--platform {base}")
     if base == "sev-snp":
         if inp.report is None and inp.hcl_report is None:
             raise click.UsageError("--platform sev-snp needs --report (or --hcl-report)")

@@ -83,3 +83,26 @@ def test_the_documented_policy_variable_is_the_policy(tmp_path: Path) -> None:
     )
     assert plain.exit_code == 0, plain.output
     assert pinned.exit_code == 5, pinned.output  # the policy's measurement is not this one
+
+
+def test_inputs_of_another_platform_are_a_usage_error(tmp_path: Path) -> None:
+    """They were silently ignored: a TDX run given a garbage --crl/--vcek accepted, and the user
+    could think an AMD CRL had been checked."""
+    garbage = tmp_path / "g.bin"
+    garbage.write_bytes(b"garbage")
+    tdx = vectors.vector("tdx-v4-phala-uptodate")
+    snp = vectors.vector("snp-genoa-v5-oak")
+    quote = str(vectors.path(tdx["files"]["quote"]["path"]))
+    report = str(vectors.path(snp["files"]["report"]["path"]))
+    vcek = str(vectors.path(snp["files"]["vcek"]["path"]))
+    runner = CliRunner()
+    for args in (
+        ["--platform", "tdx", "--quote", quote, "--crl", str(garbage)],
+        ["--platform", "tdx", "--quote", quote, "--vcek", str(garbage)],
+        ["--platform", "sev-snp", "--report", report, "--vcek", vcek, "--pck-crl", str(garbage)],
+        ["--platform", "sev-snp", "--report", report, "--vcek", vcek, "--nonce", "00" * 32],
+        ["--evidence", str(garbage), "--nonce", "00" * 32, "--quote", quote],
+    ):
+        result = runner.invoke(cube, ["attest", "verify", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert "would be ignored" in result.output or "--nonce goes with" in result.output
