@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import unicodedata
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -30,7 +31,14 @@ def check_password_rules(password: object) -> str:
         raise Invalid(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise Invalid(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
+    if not password.strip() or len(set(password)) == 1:
+        raise Invalid("password must not be blank or one character repeated")
     return password
+
+
+def normal_password(password: str) -> str:
+    """NFKC: "é" typed composed or decomposed (input methods differ) is the same password."""
+    return unicodedata.normalize("NFKC", password)
 
 
 class PasswordHashing:
@@ -67,15 +75,20 @@ class PasswordHashing:
 
     def _hash_sync(self, password: str) -> str:
         with self._slots:
-            return self._hasher.hash(password)
+            return self._hasher.hash(normal_password(password))
 
     def _verify_sync(self, encoded: str | None, password: str) -> tuple[bool, bool]:
         target = encoded if encoded is not None else self._dummy
-        with self._slots:
-            try:
-                self._hasher.verify(target, password)
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
+        normal = normal_password(password)
+        # Hashes made before passwords were normalised hold the password as typed then: such a
+        # match is re-hashed (normalised) at once.
+        for candidate in (normal, password) if normal != password else (normal,):
+            with self._slots:
+                try:
+                    self._hasher.verify(target, candidate)
+                except (VerifyMismatchError, VerificationError, InvalidHashError):
+                    continue
+            if encoded is None:
                 return False, False
-        if encoded is None:
-            return False, False
-        return True, self._hasher.check_needs_rehash(encoded)
+            return True, candidate != normal or self._hasher.check_needs_rehash(encoded)
+        return False, False

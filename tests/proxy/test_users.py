@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from proxy.identity import (
     Unauthorized,
 )
 from proxy.identity.config import ADMIN_EMAIL_ENV, ADMIN_PASSWORD_ENV
+from proxy.identity.passwords import check_password_rules
 from tests.proxy.conftest import (
     ADMIN_EMAIL,
     ADMIN_PASSWORD,
@@ -376,3 +379,36 @@ def test_replicas_starting_together_on_an_empty_database_both_start(database: st
     failures, active = run(main())
     assert failures == []
     assert len(active) == 1  # one signing key in use, not one per replica
+
+
+def test_a_password_is_the_same_whichever_unicode_form_it_is_typed_in(tmp_path: Path) -> None:
+    """Set with a composed "é", typed decomposed (as some input methods send it): the same
+    password (it was refused, locking the user out with no reason they could see)."""
+    composed = "café-crème-brûlée"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+
+    async def body(identity: Identity) -> None:
+        await identity.create_user(email="eve@example.com", password=composed)
+        await identity.login("eve@example.com", decomposed)
+        await identity.login("eve@example.com", composed)
+        with pytest.raises(Unauthorized):
+            await identity.login("eve@example.com", "cafe-creme-brulee")
+
+    use_identity(str(tmp_path / "p.db"), body)
+
+
+def test_a_hash_of_a_password_as_typed_before_normalisation_still_matches() -> None:
+    async def main() -> tuple[bool, bool]:
+        hashing = PasswordHashing(memory_kib=8 * 1024, time_cost=1, parallelism=1)
+        typed = unicodedata.normalize("NFD", "café-crème-brûlée")
+        old = hashing._hasher.hash(typed)  # as stored before passwords were normalised
+        return await hashing.verify(old, typed)
+
+    assert run(main()) == (True, True)  # matches, and is re-hashed normalised
+
+
+@pytest.mark.parametrize("password", [" " * 12, "a" * 12, "\t" * 20])
+def test_blank_or_one_character_passwords_are_refused(password: str) -> None:
+    with pytest.raises(Invalid, match="blank or one character"):
+        check_password_rules(password)
