@@ -18,6 +18,7 @@ from aiohttp import web
 from agent.auth import AuthError, JwksError, JwksFetcher, KeySet, TokenVerifier, parse_jwks
 from agent.identity import AgentIdentity
 from tests.agent.conftest import RecordingBackend, RunningAgent, StartAgent
+from tests.agent.test_auth import verifier
 from tests.agent.tokens import AUDIENCE, ISSUER, TokenIssuer
 
 
@@ -41,17 +42,9 @@ def signed_with_header(issuer: TokenIssuer, extra_header: dict[str, Any]) -> str
 CRIT_B64 = {"crit": ["b64"], "b64": True}
 
 
-def _verifier(issuer: TokenIssuer) -> TokenVerifier:
-    return TokenVerifier(
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        keys=KeySet(parse_jwks(json.dumps(issuer.jwks()).encode())),
-    )
-
-
-def test_a_critical_header_extension_is_refused_by_the_verifier() -> None:
+def test_a_critical_header_extension_is_refused_by_theverifier() -> None:
     issuer = TokenIssuer()
-    v = _verifier(issuer)
+    v = verifier(issuer)
     assert v.verify(signed_with_header(issuer, {})).subject == "user-1"  # the forging is sound
     for extra in (CRIT_B64, {"crit": ["x"]}, {"crit": ["exp"]}):
         with pytest.raises(AuthError) as refused:
