@@ -8,6 +8,7 @@ path whose second segment is ``v1``, ``api`` or ``attestation``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from proxy.config import ProxyConfig
 from proxy.directory import AuditRecord, BackendSpec, Caller, Directory, DomainLimits, TokenSigner
 from proxy.gateway import GatewaySettings
 from proxy.gateway.forward import RESERVED_ALIASES
+from proxy.gateway.ops import metrics_token
 from proxy.gateway.ratelimit import RemoteBuckets
 
 if TYPE_CHECKING:
@@ -193,7 +195,11 @@ def build_app(
         shared_trust_dir=shared_trust_dir,
     ).validate()
     app = web.Application(client_max_size=settings.max_body_bytes)
-    gateway.setup_ops(app, access_log=settings.access_log)
+    gateway.setup_ops(
+        app,
+        access_log=settings.access_log,
+        metrics_token=metrics_token(os.environ if environ is None else environ),
+    )
     # The identity layer's cleanup_ctx runs before the gateway's (which uses it) and closes
     # after it.
     identity = identity_config(config, environ, shared_cache_file=shared_cache_file)

@@ -329,6 +329,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as exc:
         print(f"cube-proxy: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from proxy.gateway.ops import metrics_token
+
+    try:
+        metrics_token(env)
+    except ValueError as exc:
+        print(f"cube-proxy: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0

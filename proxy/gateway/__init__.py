@@ -45,10 +45,13 @@ __all__ = [
 ]
 
 
-def setup_ops(app: web.Application, *, access_log: bool = True) -> None:
-    """``/health``, ``/ready``, ``/metrics`` and the outermost middleware (request ids, JSON
-    errors, the access log). Call first, before other modules add middlewares or routes."""
-    ops.setup(app, access_log_enabled=access_log)
+def setup_ops(
+    app: web.Application, *, access_log: bool = True, metrics_token: bytes | None = None
+) -> None:
+    """``/health``, ``/ready``, ``/metrics`` (behind ``metrics_token`` when given) and the
+    outermost middleware (request ids, JSON errors, the access log). Call first, before other
+    modules add middlewares or routes."""
+    ops.setup(app, access_log_enabled=access_log, metrics_token=metrics_token)
 
 
 def setup(

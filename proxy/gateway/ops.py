@@ -3,7 +3,10 @@
 - ``GET /health``: ``200 {"status": "ok"}`` while the process serves.
 - ``GET /ready``: ``200`` when every readiness check passes (the directory answers; others may
   be added under :data:`READY_CHECKS`), ``503`` with the failing checks otherwise.
-- ``GET /metrics``: Prometheus text from the gateway's own registry.
+- ``GET /metrics``: Prometheus text from the gateway's own registry. The counters cover every
+  tenant, so a deployment serving several tenants sets ``CUBE_PROXY_METRICS_TOKEN`` (environment
+  only: a secret): then ``/metrics`` answers only ``Authorization: Bearer <that token>``
+  (Prometheus's ``authorization`` / ``bearer_token_file``), compared in constant time.
 
 The middleware gives every request an id (``X-Request-Id``: the client's if it is a short
 token, else a fresh one), turns anything unhandled into a ``500`` JSON error (the log gets the
@@ -16,12 +19,13 @@ headers, credentials or bodies.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -33,11 +37,13 @@ from proxy.gateway.metrics import METRICS, exposition
 
 __all__ = [
     "LOG_FIELDS",
+    "METRICS_TOKEN_ENV",
     "READY_CHECKS",
     "REQUEST_ID",
     "JsonFormatter",
     "ReadyCheck",
     "configure_logging",
+    "metrics_token",
     "observe_middleware",
     "request_id_for",
     "setup",
@@ -52,6 +58,10 @@ LOG_FIELDS: web.RequestKey[dict[str, object]] = web.RequestKey("log_fields")
 ReadyCheck = Callable[[web.Application], Awaitable[tuple[bool, str]]]
 READY_CHECKS: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
 ACCESS_LOG = web.AppKey("access_log", bool)
+METRICS_TOKEN_ENV = "CUBE_PROXY_METRICS_TOKEN"  # noqa: S105 - the variable's name
+#: The bearer token ``/metrics`` requires (None: public).
+METRICS_TOKEN: web.AppKey[bytes | None] = web.AppKey("metrics_token")
+_METRICS_TOKEN_MIN = 16
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
 # Request ids need to be unique, not secret: a random per-process prefix and a counter
@@ -155,14 +165,54 @@ async def ready(request: web.Request) -> web.Response:
     )
 
 
+def metrics_token(environ: Mapping[str, str]) -> bytes | None:
+    """The ``/metrics`` token from ``CUBE_PROXY_METRICS_TOKEN`` (None if unset or empty).
+
+    Raises:
+        ValueError: it is too short to be a secret, or not printable ASCII (an HTTP header
+            could not carry it); the message never quotes it.
+    """
+    token = environ.get(METRICS_TOKEN_ENV, "")
+    if not token:
+        return None
+    printable = token.isascii() and token.isprintable() and " " not in token
+    if len(token) < _METRICS_TOKEN_MIN or not printable:
+        raise ValueError(
+            f"{METRICS_TOKEN_ENV} must be at least {_METRICS_TOKEN_MIN} printable ASCII "
+            "characters without spaces"
+        )
+    return token.encode()
+
+
+def _metrics_allowed(request: web.Request) -> bool:
+    expected = request.app.get(METRICS_TOKEN)
+    if expected is None:
+        return True
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest on bytes: the time does not depend on where the bytes differ.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode("latin-1", "replace"), expected
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
+    if not _metrics_allowed(request):
+        return json_error(
+            401,
+            "/metrics needs 'Authorization: Bearer <metrics token>'",
+            code="metrics_token_required",
+            headers={"WWW-Authenticate": 'Bearer realm="cube-proxy metrics"'},
+        )
     body = exposition(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def setup(app: web.Application, *, access_log_enabled: bool = True) -> None:
+def setup(
+    app: web.Application, *, access_log_enabled: bool = True, metrics_token: bytes | None = None
+) -> None:
     """Routes and middleware; call before other modules add routes or middlewares."""
     app[ACCESS_LOG] = access_log_enabled
+    app[METRICS_TOKEN] = metrics_token
     if READY_CHECKS not in app:
         app[READY_CHECKS] = {}
     app.middlewares.append(observe_middleware)

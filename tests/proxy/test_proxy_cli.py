@@ -137,3 +137,25 @@ def test_the_executable_refuses_a_bad_configuration_with_exit_2() -> None:
     )
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_metrics_token_comes_from_the_environment_and_must_be_a_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from proxy.gateway.ops import METRICS_TOKEN_ENV, metrics_token
+
+    assert metrics_token({}) is None and metrics_token({METRICS_TOKEN_ENV: ""}) is None
+    assert metrics_token({METRICS_TOKEN_ENV: "k" * 16}) == b"k" * 16
+    for weak in (
+        "short-token",
+        "with a space in it!!",
+        "non-ascii-tökenxxxxxx",
+        "tab\there-xxxxxxxx",
+    ):
+        with pytest.raises(ValueError, match=METRICS_TOKEN_ENV) as caught:
+            metrics_token({METRICS_TOKEN_ENV: weak})
+        assert weak not in str(caught.value)
+    env = {"CUBE_PROXY_DATABASE": "sqlite:///x.db", METRICS_TOKEN_ENV: "short-token"}
+    assert main(["--print-config"], environ=env) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and "short-token" not in err

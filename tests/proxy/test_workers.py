@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.gateway.ops import METRICS_TOKEN_ENV
 from tests.agent.backends import FakeOpenAI, serving
 from tests.agent.conftest import write_model
 from tests.e2e.servers import AgentProcess, TinyModel
@@ -160,8 +161,13 @@ def test_metrics_report_every_worker_together(tmp_path: Path) -> None:
     proxy = ProxyProcess(
         f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
     )
+    proxy.env[METRICS_TOKEN_ENV] = _METRICS_TOKEN
     with proxy:
         assert proxy.proc is not None
+        # Every worker keeps /metrics behind the token (it is read from the environment).
+        for _ in range(4):
+            assert _scrape(proxy, token=None).startswith('{"error"')
+            assert _scrape(proxy, token="wrong-" + _METRICS_TOKEN).startswith('{"error"')
         workers = _children(proxy.proc.pid)
         admin = proxy.login()
         proxy.admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
@@ -201,10 +207,15 @@ def test_metrics_report_every_worker_together(tmp_path: Path) -> None:
         assert proxy.stop() == 0
 
 
-def _scrape(proxy: ProxyProcess) -> str:
+_METRICS_TOKEN = "scrape-" + "x" * 24
+
+
+def _scrape(proxy: ProxyProcess, token: str | None = _METRICS_TOKEN) -> str:
+    """``/metrics`` as text (its JSON error without the right token)."""
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
-        conn.request("GET", "/metrics")
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        conn.request("GET", "/metrics", headers=headers)
         return conn.getresponse().read().decode()
     finally:
         conn.close()
