@@ -397,7 +397,7 @@ class _Connection(asyncio.Protocol):
             except GatewayError as error:
                 reply = _error_reply(ex, error)
             except asyncio.CancelledError:
-                client_gone(ex)
+                client_gone(gw, ex)
                 raise
             finally:
                 waiter = finish(gw, ex, fields)
@@ -536,7 +536,7 @@ class _Connection(asyncio.Protocol):
                     continue
                 scanner.feed(chunk)
                 if transport.is_closing():
-                    client_gone(ex)
+                    client_gone(gw, ex)
                     ex.usage = scanner.charged()
                     return None
                 end = not ex.delivered and stream_ended(chunk, sealed=sealed)
@@ -547,7 +547,7 @@ class _Connection(asyncio.Protocol):
                     try:
                         await self._drain()
                     except ConnectionError:
-                        client_gone(ex)
+                        client_gone(gw, ex)
                         ex.usage = scanner.charged()
                         return None
         except UpstreamError:
@@ -667,6 +667,8 @@ class EdgeSite(web.TCPSite):
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
+        if self.fast:
+            self.gateway.stopping = True
         await cancel_and_wait(self._sweeper)
         await super().stop()
         # Idle connections close now; one answering closes once its answer is written.

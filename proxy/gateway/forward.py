@@ -526,8 +526,7 @@ async def _relay(
                 await response.write(chunk)
             except ConnectionError:
                 if not ex.delivered:
-                    ex.status = _STATUS_CLIENT_CLOSED
-                    ex.detail = "client disconnected"
+                    client_gone(gw, ex)
                 ex.usage = scanner.charged()
                 return response
             if not ex.delivered and stream_ended(chunk, sealed=sealed):
@@ -728,14 +727,17 @@ def route_name(path: str) -> str:
     return path if len(path) <= _MAX_ROUTE else path[:_MAX_ROUTE]
 
 
-def client_gone(ex: Exchange) -> None:
-    """The client went away (the request was cancelled): 499, unless the whole answer was
-    written already."""
-    if not ex.delivered:
+def client_gone(gw: Gateway, ex: Exchange) -> None:
+    """The client's connection ended (the request was cancelled, a write failed): 499, unless
+    the whole answer was written already, or the proxy itself is shutting down and cut it."""
+    if ex.delivered:
+        ex.detail = "client closed after the last event"
+    elif gw.stopping:
+        ex.status = 503
+        ex.detail = "cut: cube-proxy shut down before the answer ended"
+    else:
         ex.status = _STATUS_CLIENT_CLOSED
         ex.detail = "client disconnected"
-    else:
-        ex.detail = "client closed after the last event"
 
 
 async def _serve(
@@ -763,7 +765,7 @@ async def _serve(
             ex, GatewayError(413, "the request body is too large", code="body_too_large")
         )
     except asyncio.CancelledError:
-        client_gone(ex)
+        client_gone(gw, ex)
         raise
     finally:
         waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))

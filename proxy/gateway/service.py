@@ -90,6 +90,9 @@ class Gateway:
             keepalive=self.settings.agent_keepalive,
         )
         self._health_task: asyncio.Task[None] | None = None
+        #: Shutdown has begun: answers still in progress are being drained, then cut (their
+        #: audit rows say so rather than blaming the client).
+        self.stopping = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -119,7 +122,12 @@ class Gateway:
         await self.upstream.close()
 
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        del app
+        async def stopping(app: web.Application) -> None:
+            del app
+            self.stopping = True
+
+        # (EdgeSite.stop sets it earlier still, before draining its connections.)
+        app.on_shutdown.append(stopping)
         await self.start()
         try:
             yield

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cube_client.e2e import RequestMeta, ResponseSealer, usage_record
+from proxy.gateway import edge
 from proxy.gateway.forward import stream_ended
 from proxy.gateway.metering import UsageScanner
 from tests.agent.backends import (
@@ -121,6 +122,33 @@ def test_client_disconnect_stops_the_backend(
     assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [
         (0, row.completion_tokens)
     ]
+
+
+def test_a_stream_cut_by_the_proxys_shutdown_is_audited_as_such(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shutdown drains answers in progress, then cuts the rest: their rows say the proxy cut
+    them (503), not that the client left (499)."""
+    monkeypatch.setattr(edge, "DRAIN_SECONDS", 0.5)
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.gate = Gate()  # never opened: the stream outlives the drain
+    conn, response = open_stream(server, f"/{dom.alias}/v1/chat/completions", dom.pat, CHAT)
+    try:
+        next(sse_events(response))
+        assert server.runner is not None
+        server.call(server.runner.cleanup())  # the audit writer is flushed on the way out
+        server.runner = None
+    finally:
+        conn.close()
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert row.status == 503
+    assert row.detail is not None and row.detail.startswith("cut: cube-proxy shut down")
+    assert row.completion_tokens is not None and row.completion_tokens >= 1  # what was sent
 
 
 def test_a_client_leaving_just_before_the_usage_is_charged_for_what_it_read(
