@@ -362,6 +362,9 @@ class AgentServer:
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             # Room for large bearer tokens: auth refuses those over 16 KiB with a JSON error.
             max_field_size=MAX_HEADER_BYTES,
+            # Bodies stay as sent: forward.read_body refuses an encoded one (415, JSON) whatever
+            # the encoding; aiohttp's decoder answered those it lacks (br, zstd) itself.
+            auto_decompress=False,
         )
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port, ssl_context=self.ssl_context())

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -674,12 +675,14 @@ def test_bodies_the_backend_could_read_differently_are_400(
     assert backend.requests_to(CHAT) == []
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "x-unknown"])
 def test_a_content_encoded_request_body_is_refused(
-    agent: RunningAgent, backend: FakeOpenAI, encoding: str
+    agent: RunningAgent, backend: FakeOpenAI, encoding: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Decoded, it reached the backend still labelled encoded (llama-server answered 415);
-    not decodable, it was a 500 with a traceback. Nobody's client compresses these."""
+    not decodable, it was a 500 with a traceback; an encoding aiohttp cannot decode (br
+    without brotli) was its own plain-text 400 and an ERROR log line. Nobody's client
+    compresses these."""
     import gzip
 
     reply = agent.request(
@@ -692,6 +695,7 @@ def test_a_content_encoded_request_body_is_refused(
     assert reply.status == 415
     assert assert_openai_error(reply.body)["code"] == "unsupported_content_encoding"
     assert backend.requests_to(CHAT) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_no_prompt_or_token_in_logs_or_metrics(
