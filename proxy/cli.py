@@ -148,6 +148,9 @@ async def serve(
         # A client that goes away cancels its request, so the agent stops generating.
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        # Bodies stay as sent (forward.prepare refuses encoded ones with a JSON 415); aiohttp's
+        # decoder answered those it lacks (br, zstd) itself, and inflated the others.
+        auto_decompress=False,
     )
     try:
         await runner.setup()

@@ -30,6 +30,10 @@ ERROR_TYPES: Mapping[int, str] = {
 }
 
 
+def _fallback_type(status: int) -> str:
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
 def error_document(
     status: int, message: str, *, type_: str | None = None, code: str | None = None
 ) -> dict[str, dict[str, str | None]]:
@@ -37,7 +41,7 @@ def error_document(
     return {
         "error": {
             "message": message,
-            "type": type_ or ERROR_TYPES.get(status, "server_error"),
+            "type": type_ or ERROR_TYPES.get(status) or _fallback_type(status),
             "code": code,
         }
     }

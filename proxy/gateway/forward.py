@@ -788,6 +788,13 @@ async def prepare(
     if inc.method not in ("GET", "POST"):
         raise GatewayError(405, f"method {inc.method} is not supported", code="bad_method")
     ex.caller = caller = await _authenticate(gw, inc, alias)
+    encoding = inc.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        # Its model could not be read (so not checked against the credential's scope), and
+        # the agent refuses encoded bodies anyway.
+        raise GatewayError(
+            415, "request bodies must not be content-encoded", code="unsupported_content_encoding"
+        )
     body: bytes | None = None
     if inc.method == "POST":
         body = await read_body()

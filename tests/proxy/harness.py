@@ -92,7 +92,9 @@ class ProxyServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> None:
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, auto_decompress=False
+        )  # as cube-proxy's (proxy/cli.py)
         await self.runner.setup()
         await EdgeSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context).start()
         self.port = int(self.runner.addresses[0][1])

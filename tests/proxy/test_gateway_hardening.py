@@ -20,6 +20,7 @@ import pytest
 from proxy.directory import AuditRecord
 from proxy.gateway.metering import AuditWriter, UsageScanner
 from proxy.gateway.metrics import GatewayMetrics
+from tests.agent.backends import FakeOpenAI
 from tests.proxy.fakes import FakeDirectory
 from tests.proxy.harness import (  # noqa: F401 - fixtures
     TEST_SETTINGS,
@@ -292,3 +293,41 @@ def test_a_large_body_is_parsed_without_holding_the_event_loop(
     points = [started, *(t for t in ticks if started < t < ended), ended]
     longest = max(b - a for a, b in itertools.pairwise(points))
     assert longest < 0.5 * (ended - started), (longest, ended - started)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "x-unknown"])
+@pytest.mark.parametrize("size", [100, 2_000_000], ids=["fast-path", "aiohttp"])
+def test_an_encoded_request_body_is_refused_on_both_front_ends(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    encoding: str,
+    size: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its model cannot be read (nor checked against the credential's scope): a JSON 415,
+    nothing forwarded. aiohttp decoded gzip itself and answered br/zstd with plain text."""
+    import gzip
+    import logging
+
+    dom = one_domain(directory, agents)
+    server = proxy()
+    body = json.dumps({"model": "cube-tiny", "messages": [], "pad": "a" * size}).encode()
+    if encoding == "gzip":
+        body = gzip.compress(body)
+    reply = server.request(
+        "POST",
+        f"/{dom.alias}/v1/chat/completions",
+        token=dom.pat,
+        body=body,
+        headers={"Content-Encoding": encoding},
+    )
+    assert reply.status == 415, reply.body[:200]
+    assert reply.json()["error"] == {
+        "message": "request bodies must not be content-encoded",
+        "type": "invalid_request_error",
+        "code": "unsupported_content_encoding",
+    }
+    assert fake_openai.received == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
