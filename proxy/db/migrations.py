@@ -90,6 +90,17 @@ def _v6_issued_aliases(conn: sa.Connection) -> None:
     )
 
 
+def _v7_token_counts_64_bit(conn: sa.Connection) -> None:
+    # An agent reporting more than 2**31-1 tokens overflowed PostgreSQL's INTEGER, and the
+    # failed insert took its batch with it. (SQLite's INTEGER is 64-bit already.)
+    if conn.dialect.name == "postgresql":
+        for table in ("usage", "audit"):
+            conn.exec_driver_sql(
+                f"ALTER TABLE {table} ALTER COLUMN prompt_tokens TYPE BIGINT, "
+                "ALTER COLUMN completion_tokens TYPE BIGINT"
+            )
+
+
 #: (version, description, function), in order; versions start at 1 and have no gaps.
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial schema", _v1_initial),
@@ -98,6 +109,7 @@ MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (4, "usage rows count the requests they sum", _v4_usage_requests),
     (5, "a backend URL belongs to one domain", _v5_backend_url_unique),
     (6, "an alias is never given to a second domain", _v6_issued_aliases),
+    (7, "token counts are 64-bit", _v7_token_counts_64_bit),
 )
 
 LATEST = MIGRATIONS[-1][0]

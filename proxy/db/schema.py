@@ -222,8 +222,9 @@ usage = sa.Table(
     sa.Column("domain_id", sa.String(_ID), nullable=False),
     sa.Column("user_id", sa.String(_ID), nullable=False),
     sa.Column("model", sa.String(200), nullable=False),
-    sa.Column("prompt_tokens", sa.Integer(), nullable=False),
-    sa.Column("completion_tokens", sa.Integer(), nullable=False),
+    # 64-bit: an agent's counts are not trusted to stay under 2**31 (migration 7).
+    sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
     # How many requests the row sums (the gateway writes one row per user and model per batch).
     sa.Column("requests", sa.Integer(), nullable=False, server_default="1"),
     sa.Index("ix_usage_domain_at", "domain_id", "at"),
@@ -243,8 +244,8 @@ audit = sa.Table(
     sa.Column("route", sa.String(512), nullable=False),
     sa.Column("status", sa.Integer(), nullable=False),
     sa.Column("model", sa.String(200), nullable=True),
-    sa.Column("prompt_tokens", sa.Integer(), nullable=True),
-    sa.Column("completion_tokens", sa.Integer(), nullable=True),
+    sa.Column("prompt_tokens", sa.BigInteger(), nullable=True),
+    sa.Column("completion_tokens", sa.BigInteger(), nullable=True),
     sa.Column("latency_ms", sa.Double(), nullable=True),
     sa.Column("evidence_digest", sa.String(80), nullable=True),
     sa.Column("backend_id", sa.String(_ID), nullable=True),

@@ -26,6 +26,7 @@ import base64
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,13 @@ from proxy.directory import RESERVED_ALIASES, AuditRecord, AuthError, Caller, Do
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.attest import LoadedPolicy
 from proxy.gateway.errors import GatewayError
-from proxy.gateway.metering import USAGE_HEADER, Usage, UsageScanner, parse_usage_header
+from proxy.gateway.metering import (
+    USAGE_HEADER,
+    Usage,
+    UsageScanner,
+    estimated_prompt_tokens,
+    parse_usage_header,
+)
 from proxy.gateway.metrics import observe_request
 from proxy.gateway.ops import LOG_FIELDS, REQUEST_ID
 from proxy.gateway.ratelimit import LimitExceeded
@@ -110,6 +117,7 @@ E2E_MODEL_HEADER: Final = "Cube-E2E-Model"
 E2E_AGENT_HEADER: Final = "Cube-E2E-Agent"
 #: The OpenAI stream's last event.
 _STREAM_END: Final = b"data: [DONE]"
+_OLLAMA_DONE: Final = re.compile(rb'"done"\s*:\s*true\b')
 #: How a sealed stream's records start on the wire (docs/e2e-encryption.md): an SSE event's
 #: data line, or an NDJSON line; a record's first byte (its kind) is not encrypted.
 _SEALED_RECORDS: Final = ((b"event: cube-e2e\ndata: ", b"\n"), (b'{"cube-e2e":"', b'"'))
@@ -137,6 +145,8 @@ class Exchange:
     #: A stream's last event ("data: [DONE]") was written: a client closing after it (as the
     #: openai SDK does) received the whole answer, which is audited as such, not as 499.
     delivered: bool = False
+    #: The size of the body sent to a verified agent (None: nothing was sent).
+    sent_bytes: int | None = None
 
     def added_ms(self) -> str:
         """The proxy's own time so far (frozen once the response headers are written)."""
@@ -219,12 +229,16 @@ async def _authenticate(gw: Gateway, inc: Incoming, alias: str | None) -> Caller
     if alias is not None and caller.domain_alias != alias:
         # The directory must answer for the domain asked; anything else is a bug, fail closed.
         raise GatewayError(403, "this credential is not valid for this domain", code="forbidden")
+    return caller
+
+
+def _require_inference(gw: Gateway, caller: Caller) -> None:
+    """Called once ``ex.caller`` is set, so that the refusal is audited in the domain."""
     if not caller.may("inference"):
         gw.metrics.auth_failures.labels(status="403").inc()
         raise GatewayError(
             403, "this credential does not allow inference in this domain", code="forbidden"
         )
-    return caller
 
 
 def _model_of(data: object, ollama: bool) -> str | None:
@@ -352,8 +366,14 @@ def stream_ended(chunk: bytes, *, sealed: bool) -> bool:
     proxy cannot check, nor does it need to: this only decides whether a client that closes
     next got the whole answer, for the audit row)."""
     if not sealed:
-        # At the start of a line: the words inside a model's text are in a JSON string there.
-        return chunk.startswith(_STREAM_END) or b"\n" + _STREAM_END in chunk
+        # At the start of a line: the words inside a model's text are in a JSON string there;
+        # an Ollama (NDJSON) stream's last object says "done": true (a model's quotes inside a
+        # JSON string are escaped, so its text cannot).
+        return (
+            chunk.startswith(_STREAM_END)
+            or b"\n" + _STREAM_END in chunk
+            or (b'"done"' in chunk and _OLLAMA_DONE.search(chunk) is not None)
+        )
     for prefix, stop in _SEALED_RECORDS:
         start = chunk.find(prefix)
         while start >= 0:
@@ -431,6 +451,7 @@ async def _open(
     while True:
         trust = await gw.gate.trust(agent, policy)
         t0 = time.perf_counter()
+        ex.sent_bytes = len(body) if body is not None else 0
         try:
             response = await gw.upstream.request(
                 agent.base_url,
@@ -635,7 +656,7 @@ def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Futu
         return None
     ex.finished = True
     caller = ex.caller
-    usage = ex.usage
+    usage = _with_prompt_estimate(ex, ex.usage)
     latency = (time.perf_counter() - ex.started) * 1000
     route = ex.route
     observe_request(gw.metrics, route, ex.status, float(ex.added_ms()))
@@ -681,11 +702,51 @@ def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Futu
     return None
 
 
+#: Routes whose answers carry token counts: one that arrives without is charged an estimate.
+_METERED_ROUTES: Final = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+    }
+)
+
+
+def _with_prompt_estimate(ex: Exchange, usage: Usage | None) -> Usage | None:
+    """``usage``, its prompt count estimated from the request body when an inference request
+    reached an agent (an answer, a stream cut or a client gone) and no count came back."""
+    if (
+        not ex.sent_bytes
+        or (usage is not None and usage.prompt_tokens is not None)
+        or ex.route not in _METERED_ROUTES
+    ):
+        return usage
+    cut = usage is not None and usage.estimated
+    if not (200 <= ex.status < 300 or ex.status == _STATUS_CLIENT_CLOSED or cut):
+        return usage  # refused by the agent: its backend did no work
+    return Usage(
+        estimated_prompt_tokens(ex.sent_bytes),
+        usage.completion_tokens if usage is not None else None,
+        estimated=cut,
+        prompt_estimated=True,
+    )
+
+
 def _with_estimate(detail: str | None, usage: Usage | None) -> str | None:
-    if usage is None or not usage.estimated:
+    if usage is None:
         return detail
-    note = "completion tokens counted from the records relayed (no usage came with the stream)"
-    return note if detail is None else f"{detail}; {note}"
+    notes = []
+    if usage.prompt_estimated:
+        notes.append("prompt tokens estimated from the request's size (no count came)")
+    if usage.estimated:
+        notes.append(
+            "completion tokens counted from the records relayed (no usage came with the stream)"
+        )
+    return "; ".join(([detail] if detail is not None else []) + notes) or None
 
 
 async def _durably(
@@ -788,6 +849,7 @@ async def prepare(
     if inc.method not in ("GET", "POST"):
         raise GatewayError(405, f"method {inc.method} is not supported", code="bad_method")
     ex.caller = caller = await _authenticate(gw, inc, alias)
+    _require_inference(gw, caller)
     encoding = inc.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if encoding not in ("identity", ""):
         # Its model could not be read (so not checked against the credential's scope), and
@@ -887,6 +949,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
     ex = Exchange(route="attestation")
     try:
         ex.caller = caller = await _authenticate(gw, incoming(request), alias)
+        _require_inference(gw, caller)
         nonces = request.query.getall("nonce", [])
         if len(nonces) != 1:
             raise GatewayError(

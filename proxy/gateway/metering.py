@@ -13,7 +13,11 @@ generated text cannot match: JSON escapes its quotes.
 A stream whose counts never arrive (the client leaves, the agent dies or sends none) is
 charged one completion token per record relayed (SSE ``data:`` lines, NDJSON objects; about
 one token each), its audit row saying so: a client cannot read a whole answer and close just
-before the usage to escape token limits.
+before the usage to escape token limits. Its prompt, which the backend processed before the
+first record, is charged as estimated from the request body (:func:`estimated_prompt_tokens`:
+a token per 4 bytes, which over-counts JSON a little), and so is that of any inference
+request sent to an agent whose answer came without counts: an answer that has none (Ollama's
+legacy ``/api/embeddings``), or a request the client abandoned before the answer.
 
 End-to-end encrypted answers (docs/e2e-encryption.md) are opaque, so the agent reports their
 token counts in plaintext: a whole answer in the response header
@@ -57,7 +61,14 @@ from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, Directory
 from proxy.gateway.metrics import GatewayMetrics
 
-__all__ = ["USAGE_HEADER", "AuditWriter", "Usage", "UsageScanner", "parse_usage_header"]
+__all__ = [
+    "USAGE_HEADER",
+    "AuditWriter",
+    "Usage",
+    "UsageScanner",
+    "estimated_prompt_tokens",
+    "parse_usage_header",
+]
 
 log = logging.getLogger("cube.proxy.audit")
 
@@ -83,6 +94,8 @@ class Usage:
     #: The completion count is the number of records relayed, not the backend's own count (a
     #: stream cut before its usage arrived).
     estimated: bool = False
+    #: The prompt count is the proxy's estimate from the request's size (no count came).
+    prompt_estimated: bool = False
 
     @property
     def known(self) -> bool:
@@ -91,6 +104,12 @@ class Usage:
     @property
     def total(self) -> int:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+def estimated_prompt_tokens(body_bytes: int) -> int:
+    """A prompt's tokens, estimated from its request body's size (about 4 bytes a token in
+    English text; the JSON around it makes this over-count, never under-count much)."""
+    return -(-body_bytes // 4)
 
 
 def _count(value: object) -> int | None:

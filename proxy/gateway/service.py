@@ -150,6 +150,7 @@ class Gateway:
                 503,
                 "the rate limits shared by the proxy replicas cannot be checked; retry later",
                 code="limits_unavailable",
+                headers={"Retry-After": "1"},
             ) from None
 
     def charge(self, caller: Caller, limits: DomainLimits, tokens: int) -> None:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from cube._tasks import cancel_and_wait
 from proxy.db import Database
+from proxy.db.engine import is_unavailable
 from proxy.db.schema import audit, usage
 from proxy.directory import AuditRecord
 
@@ -25,6 +26,8 @@ __all__ = ["RecordWriter", "audit_values", "read_audit", "usage_summary"]
 
 log = logging.getLogger("cube.proxy.records")
 MAX_BATCH = 2000
+#: A queued row: its table, its values, and the future of the call that queued it.
+_Item = tuple[sa.Table, dict[str, Any], asyncio.Future[None]]
 
 
 def storable(value: str, limit: int) -> str:
@@ -61,7 +64,7 @@ class RecordWriter:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._pending: list[tuple[sa.Table, dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[_Item] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -101,23 +104,46 @@ class RecordWriter:
                 batch, self._pending = self._pending[:cut], self._pending[cut:]
                 await self._commit(batch)
 
-    async def _commit(
-        self, batch: list[tuple[sa.Table, dict[str, Any], asyncio.Future[None]]]
-    ) -> None:
+    async def _commit(self, batch: list[_Item]) -> None:
         try:
-            async with self._db.write() as conn:
-                for table in (usage, audit):
-                    rows = [values for t, values, _ in batch if t is table]
-                    if rows:
-                        await conn.execute(sa.insert(table), rows)
-        except Exception as exc:  # every waiter learns of the failure
-            log.error(  # noqa: TRY400 - no traceback: it could quote row values
-                "could not store %d usage/audit rows: %s", len(batch), type(exc).__name__
-            )
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            await self._insert(batch)
+        except Exception as exc:
+            waiters = list(dict.fromkeys(future for _, _, future in batch))
+            if len(waiters) == 1 or is_unavailable(exc):
+                self._failed(batch, exc)
+                return
+            # One waiter's rows the database refuses (a value out of range) must not take the
+            # others' — other requests', other tenants' — with them: each alone.
+            for waiter in waiters:
+                own = [item for item in batch if item[2] is waiter]
+                try:
+                    await self._insert(own)
+                except Exception as exc_own:
+                    self._failed(own, exc_own)
+                    continue
+                self._succeeded(own)
             return
+        self._succeeded(batch)
+
+    async def _insert(self, batch: list[_Item]) -> None:
+        async with self._db.write() as conn:
+            for table in (usage, audit):
+                rows = [values for t, values, _ in batch if t is table]
+                if rows:
+                    await conn.execute(sa.insert(table), rows)
+
+    @staticmethod
+    def _failed(batch: list[_Item], exc: Exception) -> None:
+        """Every waiter of ``batch`` learns of the failure."""
+        log.error(  # no traceback: it could quote row values
+            "could not store %d usage/audit rows: %s", len(batch), type(exc).__name__
+        )
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+    @staticmethod
+    def _succeeded(batch: list[_Item]) -> None:
         for _, _, future in batch:
             if not future.done():
                 future.set_result(None)

@@ -70,6 +70,24 @@ def test_every_request_is_audited_without_text(
     ]
 
 
+def test_a_credential_without_inference_is_refused_and_audited(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory
+) -> None:
+    """Like a refusal for a model outside its scope, the attempt leaves a row in its domain."""
+    dom = one_domain(directory, agents)
+    reader = directory.pat(dom.alias, "user-acme", actions=frozenset({"read_audit"}))
+    server = proxy()
+    chat = {"model": "cube-tiny", "messages": []}
+    refused = server.post(f"/{dom.alias}/v1/chat/completions", chat, token=reader)
+    assert refused.status == 403 and refused.json()["error"]["code"] == "forbidden"
+    evidence = server.get(f"/{dom.alias}/attestation?nonce={'ab' * 32}", token=reader)
+    assert evidence.status == 403
+    server.flush()
+    rows = [(r.route, r.status, r.token_id) for r in directory.audits if r.event == "request"]
+    token_id = directory.tokens[reader].token_id
+    assert rows == [("/v1/chat/completions", 403, token_id), ("attestation", 403, token_id)]
+
+
 def _row(n: int) -> AuditRecord:
     return AuditRecord(
         domain_id="d", user_id=f"u{n}", route="/v1/models", status=200, when=datetime.now(UTC)

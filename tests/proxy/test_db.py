@@ -437,3 +437,88 @@ def test_migration_6_records_the_aliases_of_existing_domains(database: str) -> N
             await db.close()
 
     assert run(body()) == (list(range(6, LATEST + 1)), {"acme", "bank"})
+
+
+def test_migration_7_makes_token_counts_64_bit(database: str) -> None:
+    """From version 6 (PostgreSQL's 32-bit INTEGER columns): a count beyond 2**31-1, which an
+    agent may report, is stored."""
+    big = 2**35
+
+    async def body() -> tuple[list[int], list[tuple[int, int | None]]]:
+        db = Database.open(database)
+        try:
+            await migrate(db)
+            async with db.write() as conn:  # back to what version 6 had
+                if db.dialect == "postgresql":
+                    for table in ("usage", "audit"):
+                        await conn.execute(
+                            sa.text(
+                                f"ALTER TABLE {table} ALTER COLUMN prompt_tokens TYPE INTEGER, "
+                                "ALTER COLUMN completion_tokens TYPE INTEGER"
+                            )
+                        )
+                await conn.execute(
+                    sa.delete(schema.schema_version).where(schema.schema_version.c.version >= 7)
+                )
+            applied = await migrate(db)
+            async with db.write() as conn:
+                common = {"at": time.time(), "domain_id": "d", "prompt_tokens": big}
+                await conn.execute(
+                    sa.insert(schema.usage).values(
+                        **common, user_id="u", model="m", completion_tokens=big
+                    )
+                )
+                await conn.execute(
+                    sa.insert(schema.audit).values(
+                        **common, event="request", route="/v1/x", status=200
+                    )
+                )
+            async with db.read() as conn:
+                rows = [
+                    (int(r.prompt_tokens), r.completion_tokens)
+                    for table in (schema.usage, schema.audit)
+                    for r in await conn.execute(sa.select(table))
+                ]
+            return applied, rows
+        finally:
+            await db.close()
+
+    assert run(body()) == (list(range(7, LATEST + 1)), [(big, big), (big, None)])
+
+
+def test_a_row_the_database_refuses_fails_only_its_own_caller(database: str) -> None:
+    """Rows queued by several callers share one transaction; one the database refuses fails
+    its caller alone, the others' rows are committed."""
+    from proxy.identity.records import RecordWriter
+
+    async def body() -> tuple[list[object], list[str]]:
+        db = await _open(database)
+        writer = RecordWriter(db)
+        try:
+
+            def row(model: str | None) -> dict[str, Any]:
+                return {
+                    "at": time.time(),
+                    "domain_id": "d",
+                    "user_id": "u",
+                    "model": model,
+                    "prompt_tokens": 1,
+                    "completion_tokens": 2,
+                }
+
+            outcomes = await asyncio.gather(
+                writer.insert(schema.usage, row("first")),
+                writer.insert(schema.usage, row(None)),  # NOT NULL: refused
+                writer.insert_many(schema.usage, [row("third"), row("fourth")]),
+                return_exceptions=True,
+            )
+            async with db.read() as conn:
+                models = list((await conn.execute(sa.select(schema.usage.c.model))).scalars())
+            return [type(o).__name__ if o is not None else None for o in outcomes], models
+        finally:
+            await writer.close()
+            await db.close()
+
+    outcomes, models = run(body())
+    assert outcomes == [None, "IntegrityError", None]
+    assert sorted(models) == ["first", "fourth", "third"]

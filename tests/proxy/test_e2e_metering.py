@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from proxy.directory import AuditRecord
-from proxy.gateway.metering import UsageScanner, parse_usage_header
+from proxy.gateway.metering import UsageScanner, estimated_prompt_tokens, parse_usage_header
 from tests.agent.backends import BackgroundLoop
 from tests.proxy.fakes import FakeDirectory
 from tests.proxy.harness import (  # noqa: F401 - fixtures
@@ -106,8 +106,13 @@ def test_sealed_body_is_never_metered_from_its_bytes(
     assert _post_sealed(server, pat).status == 200
     server.flush()
     rows = [r for r in directory.audits if r.event == "request"]
-    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(None, None)]
-    assert directory.usage == []
+    # No count came (no Cube-Usage header): the prompt is estimated from the sealed request's
+    # size, never read from the answer's bytes.
+    estimate = estimated_prompt_tokens(len(SEALED))
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(estimate, None)]
+    assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [
+        (estimate, 0)
+    ]
 
 
 def test_sealed_stream_is_metered_from_the_cube_usage_event(

@@ -191,6 +191,7 @@ def test_an_unreachable_database_refuses_the_request() -> None:
                 with pytest.raises(GatewayError) as refused:
                     await gateway.admit(caller(), DomainLimits(requests_per_minute=10))
                 assert (refused.value.status, refused.value.code) == (503, "limits_unavailable")
+                assert refused.value.headers == {"Retry-After": "1"}
             finally:
                 await gateway.close()
         finally:

@@ -115,12 +115,17 @@ def test_client_disconnect_stops_the_backend(
         server.flush()
     (row,) = [r for r in directory.audits if r.event == "request"]
     assert row.status == 499
-    # What it was sent is charged, counted from the records relayed (the usage never came).
-    assert row.detail is not None and row.detail.startswith("client disconnected; completion")
-    assert row.prompt_tokens is None and row.completion_tokens is not None
+    # What it was sent is charged, counted from the records relayed (the usage never came),
+    # and its prompt, which the backend processed, estimated from the request's size.
+    assert row.detail == (
+        "client disconnected; prompt tokens estimated from the request's size (no count came); "
+        "completion tokens counted from the records relayed (no usage came with the stream)"
+    )
+    prompt = -(-len(json.dumps(CHAT).encode()) // 4)
+    assert row.prompt_tokens == prompt and row.completion_tokens is not None
     assert row.completion_tokens >= 1
     assert [(u["prompt_tokens"], u["completion_tokens"]) for u in directory.usage] == [
-        (0, row.completion_tokens)
+        (prompt, row.completion_tokens)
     ]
 
 
@@ -433,3 +438,14 @@ def test_an_error_after_the_stream_head_cuts_the_stream(
         server.flush()
     (row,) = [r for r in directory.audits if r.event == "request"]
     assert row.status == 500
+
+
+def test_the_end_of_a_plaintext_stream_is_recognised() -> None:
+    """OpenAI's ``data: [DONE]``, and Ollama's last NDJSON object (``"done": true``); the same
+    words inside a model's text (a JSON string, its quotes escaped) are not an end."""
+    assert stream_ended(b'data: {"choices": []}\n\ndata: [DONE]\n\n', sealed=False)
+    assert stream_ended(b'{"message":{"content":""},"done":true,"eval_count":9}\n', sealed=False)
+    assert stream_ended(b'{"done": true, "done_reason": "stop"}\n', sealed=False)
+    assert not stream_ended(b'{"message":{"content":"x"},"done":false}\n', sealed=False)
+    text = json.dumps({"message": {"content": 'say "done":true\ndata: [DONE]'}, "done": False})
+    assert not stream_ended(text.encode() + b"\n", sealed=False)
