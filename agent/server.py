@@ -433,7 +433,7 @@ class AgentServer:
 
 
 async def serve(config: AgentConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Prepare, serve until ``stop`` is set (or SIGTERM/SIGINT), then shut down."""
+    """Prepare, serve until ``stop`` is set (or SIGTERM/SIGINT/SIGHUP), then shut down."""
     stop = stop or asyncio.Event()
     prepared = await prepare(config)
     server = AgentServer(prepared)
@@ -443,7 +443,7 @@ async def serve(config: AgentConfig, *, stop: asyncio.Event | None = None) -> No
         prepared.close()
         raise
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     try:

@@ -17,8 +17,9 @@ the database first (migrations, signing keys, the bootstrap admin), then starts 
 SIGINT to them, and stops them all if one exits. A worker exits when its parent dies. What
 the workers share and what they do not is in docs/proxy.md ("Worker processes").
 
-Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT), 2 for an invalid configuration, 1 when
-the proxy cannot start (database, keys, port) or a worker failed.
+Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT, or SIGHUP — a closed terminal or SSH
+session: it drains and writes the audit queue rather than dying), 2 for an invalid
+configuration, 1 when the proxy cannot start (database, keys, port) or a worker failed.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ async def serve(
     environ: Mapping[str, str] | None = None,
     worker: Worker | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then shut down cleanly."""
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT/SIGHUP), then shut down cleanly."""
     from proxy.app import build_app
     from proxy.identity import StartupError
 
@@ -183,7 +184,7 @@ async def serve(
         )
         _tune_gc()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
@@ -253,7 +254,9 @@ def _supervise(
         nonlocal stopping
         stopping = True
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     with tempfile.TemporaryDirectory(prefix="cube-proxy-") as tmp:
         from proxy.gateway.metrics import MULTIPROCESS_ENV
         from proxy.gateway.ratelimit import SharedBuckets

@@ -123,7 +123,19 @@ def is_unavailable(exc: BaseException) -> bool:
         ),
     ):
         return True
-    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    # PostgreSQL refusing work for now (shutting down, starting up, too many connections)
+    # comes as a plain DBAPIError: its SQLSTATE tells an outage from a refused statement.
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
+    return isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_SQLSTATES)
+
+
+#: admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+#: insufficient_resources (class 08 is connection exceptions).
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "53400"})
 
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey"})

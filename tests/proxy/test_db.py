@@ -522,3 +522,49 @@ def test_a_row_the_database_refuses_fails_only_its_own_caller(database: str) -> 
     outcomes, models = run(body())
     assert outcomes == [None, "IntegrityError", None]
     assert sorted(models) == ["first", "fourth", "third"]
+
+
+def test_postgresql_refusing_connections_for_now_is_an_outage(postgres: Any) -> None:
+    """PostgreSQL refusing work for now (too many connections; shutting down or starting up
+    alike) arrives as a plain DBAPIError: it is an outage (503, audit rows kept for a retry),
+    not a refused statement (500, rows dropped)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    from proxy.db.engine import is_unavailable
+
+    url = postgres.create_database()
+    name = url.rsplit("/", 1)[1]
+
+    async def body() -> tuple[BaseException, BaseException]:
+        admin = await asyncpg.connect(postgres.url(name))
+        try:
+            await admin.execute(
+                "CREATE ROLE crowded LOGIN PASSWORD 'crowded-pw' CONNECTION LIMIT 0"
+            )
+            await admin.execute("CREATE TABLE t (id integer PRIMARY KEY)")
+            await admin.execute("GRANT ALL ON t TO crowded")
+            db = Database.open(
+                url.replace(f"{postgres.user}:{postgres.password}", "crowded:crowded-pw")
+            )
+            try:
+                with pytest.raises(Exception) as crowded:
+                    async with db.read() as conn:
+                        await conn.execute(sa.text("SELECT 1"))
+            finally:
+                await db.close()
+            db = Database.open(url)
+            try:
+                with pytest.raises(Exception) as duplicate:
+                    async with db.write() as conn:
+                        await conn.execute(sa.text("INSERT INTO t VALUES (1), (1)"))
+            finally:
+                await db.close()
+            return crowded.value, duplicate.value
+        finally:
+            await admin.execute("DROP TABLE IF EXISTS t")
+            await admin.execute("DROP ROLE IF EXISTS crowded")
+            await admin.close()
+
+    crowded, duplicate = run(body())
+    assert is_unavailable(crowded), repr(crowded)
+    assert not is_unavailable(duplicate), repr(duplicate)

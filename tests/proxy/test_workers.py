@@ -126,6 +126,24 @@ def test_a_dead_worker_stops_the_proxy_and_workers_die_with_their_parent(
         assert _wait_gone(workers), "a worker outlived its parent"
 
 
+def test_a_hangup_stops_the_proxy_and_its_workers_cleanly(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal or SSH session, sent to the whole process group) stops it as
+    SIGTERM does: every worker drains and writes its queued audit rows, exit 0. It used to
+    kill them outright, losing rows of answers already given."""
+    proxy = ProxyProcess(
+        f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
+    )
+    with proxy:
+        assert proxy.proc is not None
+        workers = _children(proxy.proc.pid)
+        admin = proxy.login()
+        proxy.admin("POST", "/admin/domains", {"alias": "acme"}, token=admin)
+        os.killpg(proxy.proc.pid, signal.SIGHUP)
+        assert proxy.proc.wait(60) == 0, proxy.tail()
+        assert _wait_gone(workers)
+        assert proxy.tail().count('"shutting down"') == 2, proxy.tail()
+
+
 def test_workers_enforce_each_rate_limit_once_together(tmp_path: Path) -> None:
     proxy = ProxyProcess(
         f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy.log", extra={"workers": "2"}
