@@ -140,12 +140,17 @@ class ObjectReader:
         return key in self._obj
 
     def raw(self, key: str, *, required: bool = False) -> object:
+        """The value of ``key``; None when absent. JSON null also reads as None, which is
+        why a ``required`` key refuses it: null is no value for a key that must have one."""
         self._seen.add(key)
         if key not in self._obj:
             if required:
                 raise self.error(f"{self.what}: missing required key {key!r}")
             return None
-        return self._obj[key]
+        value = self._obj[key]
+        if value is None and required:
+            raise self.error(f"{self.what}.{key}: null is not a valid value (the key is required)")
+        return value
 
     def typed(self, key: str, kind: type[T], *, required: bool = False) -> T | None:
         value = self.raw(key, required=required)

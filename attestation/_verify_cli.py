@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from attestation._json import decode_hex
 from attestation._x509 import load_certificates, pem_certificate
 from attestation.azure import parse_hcl_report, verify_hcl_binding
 from attestation.cli import Inputs, Outcome
-from attestation.errors import BindingError, MalformedError
+from attestation.errors import AttestationError, BindingError, MalformedError
 from attestation.evidence import (
     Claims,
+    EvidenceDocument,
     check_platform_allowed,
     parse_evidence,
     parse_nonce,
@@ -109,6 +111,8 @@ def run_verify(
         nonce = parse_nonce(inp.nonce)
         doc = parse_evidence(inp.evidence)
         outcome.platform = doc.platform
+        # As in raw mode: a rejected document still shows what it says (what parses of it).
+        outcome.fields = _document_fields(doc, lenient=True)
         verified = verify_evidence(doc, nonce=nonce, policy=policy, now=now, checks=checks)
         outcome.fields = verified.fields()
         return
@@ -163,18 +167,34 @@ def run_verify(
     validate_tee(policy, result, checks=checks)
 
 
+def _document_fields(doc: EvidenceDocument, *, lenient: bool) -> dict[str, object]:
+    """The fields of an evidence document, parsed but not verified. ``lenient``: leave out a
+    part that does not parse (verification then says why), instead of raising."""
+    fields: dict[str, object] = {"nonce": doc.nonce.hex()}
+    parts: list[Callable[[], dict[str, object]]] = []
+    if "report" in doc.tee:
+        parts.append(lambda: snp.parse_report(doc.tee["report"]).fields())
+    elif "hcl_report" in doc.tee and doc.platform.removeprefix("sim-") == "sev-snp":
+        hcl = doc.tee["hcl_report"]  # Azure: the SNP report rides in the HCL report
+        parts.append(lambda: snp.parse_report(parse_hcl_report(hcl).tee_report).fields())
+    if "quote" in doc.tee:
+        parts.append(lambda: tdx.parse_quote(doc.tee["quote"]).fields())
+    parts.append(lambda: {"claims": Claims.parse(doc.claims_raw).to_json()})
+    for part in parts:
+        try:
+            fields.update(part())
+        except AttestationError:
+            if not lenient:
+                raise
+    return fields
+
+
 def run_show(inp: Inputs, *, mode: str, outcome: Outcome) -> None:
     if mode == "evidence":
         assert inp.evidence is not None
         doc = parse_evidence(inp.evidence)
         outcome.platform = doc.platform
-        fields: dict[str, object] = {"nonce": doc.nonce.hex()}
-        if "report" in doc.tee:
-            fields.update(snp.parse_report(doc.tee["report"]).fields())
-        if "quote" in doc.tee:
-            fields.update(tdx.parse_quote(doc.tee["quote"]).fields())
-        fields["claims"] = Claims.parse(doc.claims_raw).to_json()
-        outcome.fields = fields
+        outcome.fields = _document_fields(doc, lenient=False)
         return
     if mode.removeprefix("sim-") == "sev-snp":
         report, hcl_bytes = _snp_report_bytes(inp, None)

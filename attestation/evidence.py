@@ -268,6 +268,9 @@ def parse_evidence(data: bytes) -> EvidenceDocument:
         needed = "report" if base == "sev-snp" else "quote"
         if needed not in tee and "hcl_report" not in tee:
             raise MalformedError(f"evidence.tee: missing {needed!r}")
+        if base == "sev-snp" and "report" in tee and "hcl_report" in tee:
+            # The HCL report carries the SNP report: a second one would go unverified.
+            raise MalformedError("evidence.tee: give 'report' or 'hcl_report', not both")
         if base == "sev-snp" and "vcek" not in tee:
             raise MalformedError("evidence.tee: missing 'vcek'")
     elif r.raw("tee") is not None:
@@ -507,18 +510,38 @@ def verify_evidence(
     )
 
     tpm_result = None
-    if policy.require_tpm or hcl_ak is not None or doc.platform == "vtpm":
+    # The ``tpm`` member is not covered by REPORT_DATA: whoever relays the document can delete
+    # it. So whatever asks for a quote (the policy's require_tpm, a PCR pin or a required event
+    # log, Azure's HCL binding, a vTPM-only platform) requires it, never "check it if present".
+    needs_tpm = _why_tpm_needed(policy, doc.platform, hcl_ak)
+    if needs_tpm:
         checks.require(
             doc.tpm is not None,
             "evidence.tpm.present",
             PolicyError if doc.tpm is None and hcl_ak is None else BindingError,
-            "a vTPM quote is required but the evidence has none",
+            f"a vTPM quote is required ({needs_tpm}) but the evidence has none",
         )
     if doc.tpm is not None:
         tpm_result = _verify_tpm(doc.tpm, claims, nonce, hcl_ak, checks=checks)
 
     _validate(policy, doc.platform, claims, tee_result, tpm_result, now=now, checks=checks)
     return VerifiedEvidence(doc.platform, doc.nonce, claims, tee_result, tpm_result, checks.items)
+
+
+def _why_tpm_needed(policy: Policy, platform: str, hcl_ak: bytes | None) -> str:
+    """Why this evidence must carry a vTPM quote ("" when it need not)."""
+    reasons = []
+    if policy.require_tpm:
+        reasons.append("policy.require_tpm")
+    if any(policy.vtpm.pcrs.values()):
+        reasons.append("policy.vtpm.pcrs pins PCRs")
+    if policy.vtpm.require_event_log:
+        reasons.append("policy.vtpm.require_event_log")
+    if hcl_ak is not None:
+        reasons.append("the Azure HCL report binds the evidence through the vTPM AK")
+    if platform == "vtpm":
+        reasons.append("platform 'vtpm'")
+    return "; ".join(reasons)
 
 
 def _verify_tpm(

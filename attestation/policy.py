@@ -15,7 +15,13 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from attestation._json import ObjectReader, loads_object, refuse_lone_surrogates, refuse_nulls
+from attestation._json import (
+    ObjectReader,
+    decode_hex,
+    loads_object,
+    refuse_lone_surrogates,
+    refuse_nulls,
+)
 from attestation.errors import InvalidPolicyError
 from attestation.snp import SnpPolicy
 from attestation.tdx import TdxPolicy
@@ -45,13 +51,15 @@ def _digests(reader: ObjectReader, key: str) -> frozenset[str] | None:
     if values is None:
         return None
     for value in values:
-        hexpart = value.removeprefix(_DIGEST_PREFIX)
-        if not value.startswith(_DIGEST_PREFIX) or len(hexpart) != 64:
+        if not value.startswith(_DIGEST_PREFIX):
             raise InvalidPolicyError(f"policy.{key}: {value!r} is not 'sha256:<64 hex>'")
-        try:
-            bytes.fromhex(hexpart)
-        except ValueError as exc:
-            raise InvalidPolicyError(f"policy.{key}: {value!r} is not hex") from exc
+        # Hex digits only (bytes.fromhex would also take spaces): one digest, one spelling.
+        decode_hex(
+            value.removeprefix(_DIGEST_PREFIX),
+            what=f"policy.{key}: {value!r}",
+            length=32,
+            error=InvalidPolicyError,
+        )
     return frozenset(v.lower() for v in values)
 
 

@@ -409,15 +409,19 @@ def verify(
             api_key=api_key or None,
             checks=checks,
         )
+        outcome.platform = found.evidence.platform
+        # Describing what verified is part of the verdict: whatever fails here (a field that
+        # cannot be shown) is reported like any other failure, never as a traceback.
+        fields = found.evidence.fields()
+        if found.evidence.tpm is not None:
+            fields["tpm"] = found.evidence.tpm.fields()
+        endpoint = _endpoint_facts(found)
     except AttestationError as exc:
         outcome.error = exc
         outcome.platform = _platform_seen(checks) or outcome.platform
     except Exception as exc:  # fail closed, never a traceback
         outcome.error = MalformedError(f"verification failed ({type(exc).__name__})")
     else:
-        outcome.platform = found.evidence.platform
-        outcome.fields = found.evidence.fields()
-        if found.evidence.tpm is not None:
-            outcome.fields["tpm"] = found.evidence.tpm.fields()
-        report.endpoint = _endpoint_facts(found)
+        outcome.fields = fields
+        report.endpoint = endpoint
     _emit(report, as_json=as_json, explain=explain)

@@ -145,6 +145,10 @@ def test_unknown_keys_everywhere(path: str) -> None:
         ("model_digests", ["sha384:" + "ab" * 48]),
         ("model_digests", ["SHA256:" + "ab" * 32]),
         ("model_digests", "sha256:" + "ab" * 32),
+        # 64 characters, but not 64 hex digits: bytes.fromhex would skip the whitespace
+        ("model_digests", ["sha256:" + "ab" * 31 + "  "]),
+        ("model_digests", ["sha256:" + "ab" * 30 + " ab "]),
+        ("config_digests", ["sha256:" + " " + "ab" * 31 + "\t"]),
         ("config_digests", ["sha256:"]),
         ("config_digests", [1]),
         ("agent_versions", "0.1.0"),

@@ -452,6 +452,13 @@ def parse_public(data: bytes) -> TpmtPublic:
     if kind not in (w.ALG_RSA, w.ALG_ECC):
         raise MalformedError(f"TPMT_PUBLIC: type {w.alg_name(kind)} is not an RSA or ECC key")
     name_alg = _hash_field(r, "nameAlg")
+    if not w.hash_by_id(name_alg, "nameAlg").computable:
+        # The key's Name (nameAlg || H(TPMT_PUBLIC)) could not be computed, and the Name is
+        # how a TPM object is known: refuse here, not when someone first asks for it.
+        raise MalformedError(
+            f"TPMT_PUBLIC: nameAlg {w.alg_name(name_alg)} is not supported here "
+            "(the key's Name could not be computed)"
+        )
     attributes = r.u32("objectAttributes")
     if attributes & _RESERVED_ATTRIBUTES:
         raise MalformedError(

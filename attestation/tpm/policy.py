@@ -5,8 +5,14 @@
       "require_event_log": false
     }
 
-Each pinned PCR must be in the quote and equal to the value (or one of the values) given. An
-absent section pins nothing and does not require an event log.
+Each pinned PCR must be in the quote and equal to the value (or one of the values) given. With
+``require_event_log`` the (unsigned) event log must replay to the quote at least one quoted PCR
+(a bare header replays nothing); a PCR the log has events for must replay to its quoted value
+(attestation.tpm.verify). A pinned PCR the log has no events for is still checked, against the
+quote: the OS extends some after the firmware's log ends (PCR 15, the agent's runtime events),
+and the pin, not the unsigned log, is what binds it. An absent section pins nothing and does not
+require an event log. Either asks for a vTPM quote: evidence without one is refused
+(attestation.evidence), whatever ``require_tpm`` says.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def _empty() -> Mapping[str, Mapping[int, tuple[bytes, ...]]]:
 class TpmPolicy:
     #: bank -> PCR index -> accepted values (any of them). Unpinned PCRs are not checked.
     pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] = field(default_factory=_empty)
-    #: Require an event log that replays to the quoted PCRs.
+    #: Require an event log that replays to the quote (at least one quoted PCR).
     require_event_log: bool = False
 
     @classmethod
@@ -94,9 +100,8 @@ def validate_quote(
 ) -> None:
     """Check a verified quote against the policy; PolicyError for anything it does not accept."""
     checks = checks if checks is not None else Checks()
-    if policy.require_event_log:
-        checks.require(
-            verified.event_log is not None,
+    if policy.require_event_log and verified.event_log is None:
+        checks.fail(
             "policy.vtpm.event_log",
             PolicyError,
             "the policy requires a vTPM event log that replays to the quoted PCRs; none was "
@@ -124,3 +129,22 @@ def validate_quote(
                 expected=shown,
                 actual=actual,
             )
+    if policy.require_event_log:
+        _require_replayed(verified, policy, checks)
+
+
+def _require_replayed(verified: VerifiedTpmQuote, policy: TpmPolicy, checks: Checks) -> None:
+    """A required event log must account for the quote: the log is not signed, and one that
+    replays nothing (a bare header) must not pass for one that "replays to the quoted PCRs"."""
+    del policy  # (pinned PCRs are bound by their pins; see the module's docstring)
+    replayed = verified.event_log.verified if verified.event_log is not None else {}
+    checks.require(
+        any(replayed.values()),
+        "policy.vtpm.event_log",
+        PolicyError,
+        "the policy requires a vTPM event log that replays to the quoted PCRs: the log "
+        "replays none of the quoted PCRs",
+        expected="at least one quoted PCR replayed from the log",
+        actual="replayed and equal to the quote: "
+        + "; ".join(f"{b} {sorted(v)}" for b, v in replayed.items()),
+    )

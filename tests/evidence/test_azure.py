@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from attestation import evidence
 from attestation._checks import Checks
 from attestation.azure import parse_hcl_report
-from attestation.errors import AttestationError, BindingError
+from attestation.errors import AttestationError, BindingError, MalformedError
 from attestation.policy import Policy
 from tests import vectors
 from tests.evidence import _util as e
@@ -99,3 +99,12 @@ def test_azure_hcl_claiming_the_wrong_platform() -> None:
     error, _ = _refuse(json.dumps(doc).encode())
     assert isinstance(error, BindingError)
     assert error.check == "evidence.hcl.platform"
+
+
+def test_snp_report_next_to_an_hcl_report_is_malformed() -> None:
+    """The HCL report carries the SNP report; a second ``report`` beside it would be ignored."""
+    doc = json.loads(azure_document())
+    doc["tee"]["report"] = _b64(b"garbage, not an SNP report")
+    error, _ = _refuse(json.dumps(doc).encode())
+    assert isinstance(error, MalformedError), repr(error)
+    assert "not both" in error.message

@@ -159,6 +159,31 @@ def test_malformed_claims(overrides: dict[str, Any], needle: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "path",
+    [
+        "tls_cert_sha256",
+        "model",
+        "model.name",
+        "model.digest",
+        "config_digest",
+        "agent_version",
+        "issued_at",
+    ],
+)
+def test_required_claim_given_as_null(path: str) -> None:
+    """JSON null is no value: a required claim that is null is refused, not read as "None"."""
+    claims = e.claims_dict()
+    *parents, key = path.split(".")
+    target = claims
+    for parent in parents:
+        target = target[parent]
+    target[key] = None
+    document = e.collect(claims=evidence.encode_claims(claims))
+    error = refuse(document, MalformedError)
+    assert key in error.message and "null" in error.message, error.message
+
+
+@pytest.mark.parametrize(
     "raw",
     [b"", b"[]", b"not json", b'{"a":1,"a":2}', "\udcff".encode("utf-8", "surrogatepass")],
     ids=["empty", "array", "text", "duplicate-keys", "bad-utf8"],
@@ -362,6 +387,26 @@ def test_tdx_platform_below_every_tcb_level() -> None:
 
 def test_require_tpm_without_a_tpm_quote() -> None:
     refuse(SNP_DOC, PolicyError, policy=e.policy(require_tpm=True), check="evidence.tpm.present")
+
+
+@pytest.mark.parametrize(
+    ("vtpm", "why"),
+    [
+        ({"pcrs": {"sha256": {"0": "ee" * 32}}}, "vtpm.pcrs"),
+        ({"require_event_log": True}, "vtpm.require_event_log"),
+    ],
+)
+@pytest.mark.parametrize("platform", sorted(DOCS))
+def test_vtpm_section_requires_a_tpm_quote(platform: str, vtpm: dict[str, Any], why: str) -> None:
+    """The ``tpm`` member is not bound by REPORT_DATA: a relay can delete it. A policy that
+    pins vTPM PCRs (or wants an event log) must not pass evidence without a quote, with or
+    without ``require_tpm``."""
+    error = refuse(
+        DOCS[platform], PolicyError, policy=e.policy(vtpm=vtpm), check="evidence.tpm.present"
+    )
+    assert why in error.message, error.message
+    # A bank listed with no PCR in it pins nothing, and asks for nothing.
+    accept(DOCS[platform], policy=e.policy(vtpm={"pcrs": {"sha256": {}}}))
 
 
 # -- nonce and document shape ------------------------------------------------------------------

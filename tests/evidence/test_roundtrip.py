@@ -105,6 +105,34 @@ def test_round_trip_through_the_cli(tmp_path: Path) -> None:
     assert "SIMULATED" in human.stdout
 
 
+def test_a_rejected_document_still_shows_its_fields(tmp_path: Path) -> None:
+    """``--json`` on reject carries what the document says, as raw mode does."""
+    doc = tmp_path / "evidence.json"
+    doc.write_bytes(e.collect())
+    args: list[str | Path] = [
+        "--evidence",
+        doc,
+        "--nonce",
+        e.NONCE.hex(),
+        "--at",
+        e.NOW.isoformat(),
+    ]
+    refused = u.verify(*args, "--json")  # simulated evidence, no --allow-simulated
+    assert refused.exit_code == 5
+    out = refused.json()
+    assert out["verdict"] == "reject"
+    assert out["fields"]["nonce"] == e.NONCE.hex()
+    assert out["fields"]["measurement"] == e.SIM_MEASUREMENT.hex()
+    assert out["fields"]["claims"]["model"]["digest"] == e.MODEL_DIGEST
+    # A part that does not parse is left out; verification says why.
+    bad_claims = tmp_path / "bad-claims.json"
+    bad_claims.write_bytes(e.set_claims(e.collect(), b"not json"))
+    refused = u.verify("--evidence", bad_claims, *args[2:], "--allow-simulated", "--json")
+    assert refused.exit_code == 3
+    out = refused.json()
+    assert "claims" not in out["fields"] and "measurement" in out["fields"]
+
+
 def test_collector_needs_a_source() -> None:
     with pytest.raises(CollectionError):
         evidence.EvidenceCollector(tee=None)

@@ -164,6 +164,15 @@ def test_public_rejects_bad_structures() -> None:
         parse_public(bad)
 
 
+@pytest.mark.parametrize("name_alg", [0x0012])  # SM3_256: a TPM hash hashlib cannot compute
+def test_public_refuses_a_name_alg_that_cannot_be_computed(name_alg: int) -> None:
+    """Refused at parse: otherwise the evidence verifies and printing the AK's Name raises."""
+    raw = _build.public_ecc(P256.public_key())
+    bad = raw[:2] + struct.pack(">H", name_alg) + raw[4:]
+    with pytest.raises(MalformedError, match="nameAlg sm3_256 is not supported"):
+        parse_public(bad)
+
+
 def test_public_ecc_rejects_bad_points_and_curves() -> None:
     raw = _build.public_ecc(P256.public_key())
     curve_at = 10 + 2 + 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from attestation import Checks
@@ -112,3 +114,53 @@ def test_require_event_log() -> None:
     validate_quote(_verified(GCE, with_log=True), policy)
     with pytest.raises(PolicyError):
         validate_quote(_verified(MILAN), policy)  # Azure evidence carries no log
+
+
+def _header_only(log: bytes) -> bytes:
+    """The log's Spec ID event alone: a valid log that extends nothing."""
+    size = struct.unpack_from("<I", log, 28)[0]  # TCG_PCR_EVENT: 8 + 20 bytes, then eventSize
+    return log[: 32 + size]
+
+
+def test_required_event_log_that_replays_nothing_is_refused() -> None:
+    assert GCE.event_log is not None
+    empty = verify_quote(
+        attest=GCE.attest,
+        signature=GCE.signature,
+        ak=GCE.ak,
+        pcrs=GCE.pcrs,
+        qualifying_data=GCE.qualifying_data,
+        event_log=_header_only(GCE.event_log),
+    )
+    assert empty.event_log is not None and not any(empty.event_log.verified.values())
+    with pytest.raises(PolicyError, match="replays none") as info:
+        validate_quote(empty, TpmPolicy(require_event_log=True))
+    assert info.value.check == "policy.vtpm.event_log"
+    validate_quote(empty, TpmPolicy())  # not required: the log is only informative
+
+
+def test_a_pinned_pcr_the_log_does_not_extend_is_bound_by_its_pin() -> None:
+    """PCR 15 (the agent's runtime events, extended after the firmware's log ends) is quoted
+    but not in the log: with ``require_event_log`` it is checked against its pin alone."""
+    verified = _verified(GCE, with_log=True)
+    assert verified.event_log is not None
+    replayed = verified.event_log.verified["sha256"]
+    assert 7 in replayed and 15 not in replayed
+    quoted = verified.pcrs["sha256"]
+
+    def pins(*indices: int) -> TpmPolicy:
+        return TpmPolicy.from_json(
+            {
+                "pcrs": {"sha256": {str(i): quoted[i].hex() for i in indices}},
+                "require_event_log": True,
+            }
+        )
+
+    validate_quote(verified, pins(7))
+    validate_quote(verified, pins(7, 15))
+    wrong = TpmPolicy.from_json(
+        {"pcrs": {"sha256": {"7": quoted[7].hex(), "15": "ab" * 32}}, "require_event_log": True}
+    )
+    with pytest.raises(PolicyError) as info:
+        validate_quote(verified, wrong)
+    assert info.value.check == "policy.vtpm.sha256.pcr15"
