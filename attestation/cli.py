@@ -172,7 +172,9 @@ _common_inputs = [
     click.option("--evidence", type=_FILE, help="A cube-evidence/1 document (JSON)."),
     click.option("--nonce", help="Hex nonce the evidence must answer (with --evidence)."),
 ]
-_common_flags = [
+_json_flag = click.option("--json", is_flag=True, help="Print one JSON object.")
+#: What decides and explains a verdict: ``verify`` only (``show`` gives none).
+_verdict_flags = [
     click.option("--policy", type=_FILE, help="A cube-policy/1 file."),
     click.option(
         "--accept-tcb-status",
@@ -196,7 +198,6 @@ _common_flags = [
         help="Verify as of this time (default: now).",
         allow_from_autoenv=False,
     ),
-    click.option("--json", is_flag=True, help="Print one JSON object."),
     click.option("--explain", is_flag=True, help="List every check with expected and actual."),
 ]
 
@@ -297,7 +298,8 @@ def _check_usage(inp: Inputs, *, need_nonce: bool) -> str:
 
 @attest.command()
 @_apply(_common_inputs)
-@_apply(_common_flags)
+@_apply(_verdict_flags)
+@_json_flag
 def verify(**kwargs: Any) -> None:
     """Verify evidence; exit 0 only on accept.
 
@@ -330,7 +332,7 @@ def verify(**kwargs: Any) -> None:
 
 @attest.command()
 @_apply(_common_inputs)
-@_apply(_common_flags)
+@_json_flag
 def show(**kwargs: Any) -> None:
     """Parse and print evidence, with no verdict (exit 3 if it does not parse)."""
     from attestation import _verify_cli as impl

@@ -52,7 +52,12 @@ def test_simulated_evidence_refused_by_default(simulated: Path) -> None:
     run = _verify(simulated)
     assert run.exit_code == 5
     assert run.json()["error"]["type"] == "SimulatedEvidenceError"
-    assert _verify(simulated, "--allow-simulated").exit_code == 0
+    loose = _verify(simulated, "--allow-simulated")
+    assert loose.exit_code == 0
+    # Without --policy nothing is pinned: the answer says so.
+    assert any("no --policy" in note for note in loose.json()["notes"])
+    pinned = _verify(simulated, "--policy", simulated / "policy.json")
+    assert "no --policy" not in pinned.stdout
 
 
 def test_policy_pinning_another_measurement(simulated: Path, tmp_path: Path) -> None:

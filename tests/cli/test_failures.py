@@ -350,6 +350,11 @@ def test_show_usage_errors_exit_2() -> None:
     # `show` needs no VCEK: it verifies nothing.
     snp = vectors.path(SNP_TEMPLATE["files"]["report"]["path"])
     assert u.show("--platform", "sev-snp", "--report", snp).exit_code == 0
+    # Nor does it take what decides a verdict (it was accepted and ignored, --at unparsed).
+    for flag in (("--policy", snp), ("--explain",), ("--at", "garbage"), ("--allow-simulated",)):
+        refused = u.show("--platform", "sev-snp", "--report", snp, *flag)
+        assert refused.exit_code == 2, flag
+        assert "No such option" in refused.stderr + refused.stdout
 
 
 def test_invalid_policy_file_is_malformed(tmp_path: Path) -> None:
