@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["printable"]
+import re
+
+__all__ = ["printable", "shown_url"]
+
+#: ``scheme://`` and everything up to the last ``@``: a URL's credentials (a password may hold
+#: an unescaped ``/``, ``?`` or ``#``; better to hide too much than a piece of one).
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*(?=@)", re.DOTALL)
+#: From the first ``?`` or ``#`` on.
+_QUERY = re.compile(r"([?#]).*", re.DOTALL)
 
 
 def _escaped(char: str) -> str:
@@ -22,3 +30,19 @@ def printable(text: str, *, keep: str = "") -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in keep else _escaped(c) for c in text)
+
+
+def _hidden_part(match: re.Match[str]) -> str:
+    return f"{match.group(1)}***"
+
+
+def shown_url(url: str) -> str:
+    """``url`` as an error message may show it: credentials (``user:password@``) and the query
+    and fragment (``?api_key=...``) replaced by ``***``, the rest made :func:`printable`.
+
+    Works on text that is no valid URL too (the message is often about that): everything
+    between ``scheme://`` and the last ``@`` is taken for credentials.
+    """
+    text = _USERINFO.sub(_hidden_part, url, count=1)
+    text = _QUERY.sub(_hidden_part, text, count=1)
+    return printable(text)

@@ -46,7 +46,7 @@ from cube_client._net import (
     CheckedBackend,
     agent_ssl_context,
 )
-from cube_client._text import printable
+from cube_client._text import printable, shown_url
 
 __all__ = [
     "MAX_EVIDENCE_BYTES",
@@ -123,28 +123,38 @@ def parse_endpoint(url: str, via_proxy: bool | None = None) -> Endpoint:
     """Parse an agent URL (``https://host:port``) or a proxy domain URL (``https://host/acme``).
 
     ``via_proxy`` defaults to "the URL has a path". Raises :class:`MalformedError`, also for a
-    direct agent URL that is not ``https://`` (nothing could bind a plain connection).
+    direct agent URL that is not ``https://`` (nothing could bind a plain connection) and for
+    ``via_proxy=True`` with a URL that names no domain: taken for a proxy, an agent's URL would
+    be fetched without the check that binds its TLS certificate to its evidence. Messages show
+    the URL without credentials or query (:func:`cube_client._text.shown_url`).
     """
+    shown = f"'{shown_url(url)}'"
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise MalformedError(f"invalid endpoint URL {url!r}: {exc}") from None
+        raise MalformedError(f"invalid endpoint URL {shown}: {printable(str(exc))}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MalformedError(f"invalid endpoint URL {url!r}: expected http(s)://host[:port][/path]")
+        raise MalformedError(f"invalid endpoint URL {shown}: expected http(s)://host[:port][/path]")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise MalformedError(
-            f"invalid endpoint URL {url!r}: no credentials, query or fragment allowed"
+            f"invalid endpoint URL {shown}: no credentials, query or fragment allowed"
         )
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):  # an openai-style base URL: the endpoint is what is above it
         path = path[:-3]
     proxy = bool(path) if via_proxy is None else via_proxy
+    if proxy and not path:
+        raise MalformedError(
+            f"{shown} is taken for a proxy domain (--via-proxy) but names no domain: a proxy "
+            "domain URL names its domain (https://proxy/DOMAIN); an agent's URL is verified "
+            "directly (its TLS certificate bound to its evidence)"
+        )
     if not proxy and path:
-        raise MalformedError(f"agent URL {url!r} must not have a path")
+        raise MalformedError(f"agent URL {shown} must not have a path")
     if not proxy and parts.scheme != "https":
         raise MalformedError(
-            f"agent URL {url!r} is not https://: the evidence binds the agent's TLS certificate, "
+            f"agent URL {shown} is not https://: the evidence binds the agent's TLS certificate, "
             "so a plain connection cannot be attested",
             check="endpoint.url",
         )

@@ -4,7 +4,12 @@ Every command is one REST call (see :mod:`proxy.admin_api`) and prints its JSON 
 server and credential come from ``--url``/``--token`` or ``CUBE_ADMIN_URL``/``CUBE_ADMIN_TOKEN``
 (``--cacert``/``CUBE_ADMIN_CACERT`` for a private CA). Passwords are never taken as arguments
 (they would land in shell history and ``ps``): they are prompted for, or read from stdin with
-``--password-stdin``. Errors print the server's message and exit 1.
+``--password-stdin``. Errors print the server's message (escaped: control characters are shown,
+never obeyed) and exit 1, as does an answer that is not the admin API's: not HTTP, not JSON,
+over 16 MiB, or not complete within ``--timeout`` seconds (30; the whole call, however slowly
+the server sends). A URL is shown without credentials or query. Options that grant powers
+(``--admin``, ``--role``, ``--owner-email``, ``--action``, ``--model``, ``--enable``) or skip a
+confirmation (``--yes``) are taken from the command line only, never from the environment.
 
     export CUBE_ADMIN_URL=https://proxy.example:8080
     export CUBE_ADMIN_TOKEN=$(cube admin login --email admin@example.com --print-token)
@@ -16,21 +21,39 @@ server and credential come from ``--url``/``--token`` or ``CUBE_ADMIN_URL``/``CU
 
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import ssl
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import click
 
+from cube_client._text import printable, shown_url
+
 __all__ = ["admin"]
 
-_TIMEOUT = 30
+_T = TypeVar("_T")
+
+#: Seconds for a whole call by default: connecting, sending, and the complete answer.
+_TIMEOUT = 30.0
+#: The longest answer read (the admin API's largest, a page of 1000 audit rows, is far less).
+_MAX_ANSWER_BYTES = 16 * 2**20
+#: The longest error answer read for its message.
+_MAX_ERROR_BYTES = 64 * 1024
+
+
+class _Answer(NamedTuple):
+    status: int
+    body: bytes
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -41,15 +64,99 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _Deadline(Exception):
+    """The call did not complete within its time."""
+
+
+class _TooLarge(Exception):
+    """The answer is longer than the limit (nothing past the limit was read)."""
+
+
+def _read_at_most(response: Any, limit: int) -> bytes:
+    length = response.headers.get("Content-Length", "")
+    if length.strip().isdigit() and int(length) > limit:
+        raise _TooLarge
+    body: bytes = response.read(limit + 1)
+    if len(body) > limit:
+        raise _TooLarge
+    return body
+
+
+def _exchange(
+    opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float
+) -> _Answer:
+    """Send ``request``; the status and body of the answer, whatever its status."""
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = _read_at_most(exc, _MAX_ERROR_BYTES)
+        except (_TooLarge, http.client.HTTPException, OSError, ValueError):
+            body = b""  # the status alone then
+        finally:
+            exc.close()
+        return _Answer(exc.code, body)
+    with response:
+        return _Answer(response.status, _read_at_most(response, _MAX_ANSWER_BYTES))
+
+
+def _within(seconds: float, work: Callable[[], _T]) -> _T:
+    """``work()``, or :class:`_Deadline` once ``seconds`` have passed.
+
+    A socket timeout bounds each read only: a server sending a byte a second (or a name
+    lookup that hangs) would hold the call for ever. The work runs in a daemon thread the
+    process does not wait for (``cube admin`` exits right after the call)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="cube-admin-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise _Deadline
+    done, value = outcome[0]
+    if not done:
+        raise value
+    result: _T = value
+    return result
+
+
+def _base_url(url: str) -> str:
+    """``url`` checked to be a base URL urllib can send to (an error message otherwise)."""
+    shown = shown_url(url)
+    if not url.startswith(("https://", "http://")):
+        _fail("the URL must start with https:// or http://")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        _fail(f"the URL {shown} is not valid")
+    if parts.username is not None or parts.password is not None:
+        _fail(f"the URL {shown} holds credentials: give the token with --token")
+    if parts.query or parts.fragment:
+        _fail(f"the URL {shown} has a query or fragment: give the proxy's base URL")
+    if not parts.hostname:
+        _fail(f"the URL {shown} names no host")
+    return url.rstrip("/")
+
+
 @dataclass
 class _Client:
     url: str
     token: str | None
     cacert: str | None
+    timeout: float = _TIMEOUT
 
     def call(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
         if not self.url:
             _fail("no server: pass --url or set CUBE_ADMIN_URL")
+        base = _base_url(self.url)
+        shown = shown_url(base)
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -64,13 +171,11 @@ class _Client:
                 # Not quoted back: urllib's error would show the whole header.
                 _fail("the token contains characters no HTTP header can carry (a newline?)")
             headers["Authorization"] = f"Bearer {self.token}"
-        target = self.url.rstrip("/") + path
-        if not target.startswith(("https://", "http://")):
-            _fail("the URL must start with https:// or http://")
+        target = base + path
         try:
-            request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
+            request = urllib.request.Request(target, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked by _base_url
         except ValueError:
-            _fail(f"the URL {self.url!r} is not valid")
+            _fail(f"the URL {shown} is not valid")
         try:
             context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
         except (OSError, ssl.SSLError) as exc:
@@ -79,29 +184,49 @@ class _Client:
             _NoRedirects(), urllib.request.HTTPSHandler(context=context)
         )
         try:
-            with opener.open(request, timeout=_TIMEOUT) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            if 300 <= exc.code < 400:
-                _fail(f"{target} redirects (HTTP {exc.code}); give the admin API's own URL")
-            _fail(_error_message(exc.code, exc.read()))
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            _fail(f"cannot reach {self.url}: {reason}")
+            answer = _within(
+                self.timeout, functools.partial(_exchange, opener, request, self.timeout)
+            )
+        except _Deadline:
+            _fail(f"{shown} did not answer within {self.timeout:g} seconds (--timeout)")
+        except _TooLarge:
+            _fail(
+                f"{shown} answered more than {_MAX_ANSWER_BYTES // 2**20} MiB: "
+                "is this a cube-proxy admin URL?"
+            )
+        except http.client.InvalidURL:  # not a ValueError: checked when sending
+            _fail(f"cannot send the request to {shown}: the URL is not valid")
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, http.client.InvalidURL):
+                _fail(f"cannot send the request to {shown}: the URL is not valid")
+            _fail(f"cannot reach {shown}: {printable(str(reason))}")
+        except http.client.HTTPException as exc:  # BadStatusLine, IncompleteRead, ...
+            _fail(f"{shown} did not answer HTTP (a cube-proxy admin URL?): {type(exc).__name__}")
+        except OSError as exc:
+            _fail(f"cannot reach {shown}: {printable(str(exc))}")
         except ValueError:  # an invalid URL (urllib checks some parts only when sending)
-            _fail(f"cannot send the request to {self.url!r}: the URL is not valid")
+            _fail(f"cannot send the request to {shown}: the URL is not valid")
+        if 300 <= answer.status < 400:
+            _fail(f"{shown} redirects (HTTP {answer.status}); give the admin API's own URL")
+        if not 200 <= answer.status < 300:
+            _fail(_error_message(answer.status, answer.body))
         try:
-            return json.loads(payload) if payload else None
+            return json.loads(answer.body) if answer.body else None
         except (ValueError, RecursionError):
-            _fail(f"{target} did not answer JSON: is this a cube-proxy admin URL?")
+            _fail(f"{shown} did not answer JSON: is this a cube-proxy admin URL?")
 
 
 def _error_message(status: int, payload: bytes) -> str:
+    """The server's error message, escaped: a terminal shows it, never obeys it."""
     try:
         error = json.loads(payload)["error"]
-        return f"{status}: {error['message']} ({error.get('code', '')})"
-    except (ValueError, KeyError, TypeError):
+        message, code = error["message"], error.get("code", "")
+    except (ValueError, KeyError, TypeError, RecursionError):
         return f"HTTP {status}"
+    if not isinstance(message, str) or not isinstance(code, str):
+        return f"HTTP {status}"
+    return f"{status}: {printable(message)} ({printable(code)})"
 
 
 def _fail(message: str) -> NoReturn:
@@ -142,10 +267,19 @@ pass_client = click.make_pass_decorator(_Client)
     type=click.Path(exists=True, dir_okay=False),
     help="A CA bundle to verify the proxy's TLS certificate with.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1, max=86400),
+    default=_TIMEOUT,
+    show_default=True,
+    help="Seconds for a whole call, the complete answer included.",
+)
 @click.pass_context
-def admin(ctx: click.Context, url: str, token: str | None, cacert: str | None) -> None:
+def admin(
+    ctx: click.Context, url: str, token: str | None, cacert: str | None, timeout: float
+) -> None:
     """Administer a cube-proxy: users, domains, members, tokens, backends, policies."""
-    ctx.obj = _Client(url=url, token=token, cacert=cacert)
+    ctx.obj = _Client(url=url, token=token, cacert=cacert, timeout=timeout)
 
 
 # -- session -------------------------------------------------------------------------------------
@@ -161,7 +295,15 @@ def login(client: _Client, email: str, password_stdin: bool, print_token: bool) 
     password = _read_password(password_stdin)
     answer = client.call("POST", "/auth/login", {"email": email, "password": password}, auth=False)
     if print_token:
-        click.echo(answer["access_token"])
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if (
+            not isinstance(token, str)
+            or not token
+            or not token.isascii()
+            or not token.isprintable()
+        ):
+            _fail("the server's answer holds no access token: is this a cube-proxy admin URL?")
+        click.echo(token)
     else:
         _print(answer)
 
@@ -308,7 +450,12 @@ def domains_list(client: _Client) -> None:
 @domains.command("create")
 @click.argument("alias")
 @click.option("--name", default="")
-@click.option("--owner-email", default=None, help="The owner (default: you).")
+@click.option(
+    "--owner-email",
+    default=None,
+    help="The owner (default: you).",
+    allow_from_autoenv=False,  # who owns the domain is said on the command line
+)
 @pass_client
 def domains_create(client: _Client, alias: str, name: str, owner_email: str | None) -> None:
     body: dict[str, Any] = {"alias": alias, "name": name}
@@ -361,7 +508,13 @@ def members_list(client: _Client, domain: str) -> None:
 @members.command("add")
 @click.argument("domain")
 @click.argument("email")
-@click.option("--role", type=click.Choice(["member", "admin", "owner"]), default="member")
+@click.option(
+    "--role",
+    type=click.Choice(["member", "admin", "owner"]),
+    default="member",
+    show_default=True,
+    allow_from_autoenv=False,  # a role's powers are said on the command line
+)
 @pass_client
 def members_add(client: _Client, domain: str, email: str, role: str) -> None:
     _print(

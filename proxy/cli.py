@@ -335,10 +335,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as exc:
         print(f"cube-proxy: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from proxy.app import identity_config
     from proxy.gateway.ops import metrics_token
 
     try:
         metrics_token(env)
+        # ProxyConfig.validate checks what the identity layer needs; should the two ever
+        # disagree, its refusal is still a configuration error, never a traceback at start.
+        identity_config(config, env)
     except ValueError as exc:
         print(f"cube-proxy: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -152,6 +152,16 @@ class ProxyConfig:
             raise ConfigError("OIDC needs both oidc_issuer and oidc_audience")
         if self.oidc_issuer and (self.oidc_jwks_file is None) == (self.oidc_jwks_url is None):
             raise ConfigError("OIDC needs exactly one of oidc_jwks_file and oidc_jwks_url")
+        if self.oidc_jwks_url is not None and not self.oidc_jwks_url.startswith("https://"):
+            raise ConfigError("oidc_jwks_url must be an https:// URL")
+        # What proxy.identity.config would refuse with a ValueError (a traceback at start).
+        for name in ("access_token_ttl", "refresh_token_ttl", "session_ttl", "pat_max_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        if not self.key_rotation_seconds > 0:
+            raise ConfigError("key_rotation_seconds must be > 0")
+        if not self.identity_cache_seconds >= 0:
+            raise ConfigError("identity_cache_seconds must be >= 0")
         try:
             self.gateway_settings().validate()
         except ValueError as exc:

@@ -1,5 +1,9 @@
 """``cube measure BUILD_DIR``: reference values and a policy from an image build.
 
+The outputs (``--measurements``, ``--out`` and the SEV-SNP policy beside it,
+``<out stem>-sev-snp.json``, written or removed as stale) must be distinct files and none an
+input (the build's files, ``--ovmf``): a usage error otherwise, before anything is read.
+
 Exit codes: 0 written, 2 usage, 3 the build directory cannot be measured (missing, malformed or
 inconsistent input; the message says which). No input produces a traceback.
 """
@@ -12,7 +16,15 @@ from pathlib import Path
 
 import click
 
-from cube.measure._compute import DEFAULT_PCRS, MeasureError, MeasureOptions, measure_build
+from cube.measure._compute import (
+    CONFIG_NAME,
+    DEFAULT_PCRS,
+    UKI_NAME,
+    VOLUME_NAME,
+    MeasureError,
+    MeasureOptions,
+    measure_build,
+)
 from cube.measure._snp import find_sev_snp_measure
 
 EXIT_UNMEASURABLE = 3
@@ -27,6 +39,29 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
     if not values:
         raise click.BadParameter(f"{what}: empty list")
     return values
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through ``..``, symbolic or hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): different files
+        return False
+
+
+def _check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Refuse outputs that name one file, or an input: one would overwrite another (the SNP
+    policy's sibling is written or removed as stale), and an input overwritten is lost."""
+    named = list(outputs.items())
+    for index, (what, path) in enumerate(named):
+        for other, other_path in named[index + 1 :]:
+            if _same_file(path, other_path):
+                raise click.UsageError(f"{what} and {other} are one file ({path})")
+        for other, input_path in inputs.items():
+            if _same_file(path, input_path):
+                raise click.UsageError(f"{what} ({path}) is an input: {other}")
 
 
 def _write_all(files: dict[Path, str | None]) -> None:
@@ -147,14 +182,29 @@ def measure(
         vcpus=_int_list(vcpus, "--vcpus"),
         vcpu_types=types,
     )
+    policy_path = out or build_dir / "policy.json"
+    measurements_path = measurements_out or build_dir / "measurements.json"
+    snp_path = policy_path.with_name(policy_path.stem + "-sev-snp.json")
+    inputs = {
+        f"the build's {name}": build_dir / name for name in (UKI_NAME, CONFIG_NAME, VOLUME_NAME)
+    }
+    if ovmf is not None:
+        inputs["--ovmf"] = ovmf
+    if options.sev_snp_measure is not None:
+        inputs["sev-snp-measure"] = Path(options.sev_snp_measure)
+    _check_outputs(
+        {
+            "--measurements": measurements_path,
+            "--out": policy_path,
+            f"the SEV-SNP policy beside --out ({snp_path.name}, written or removed)": snp_path,
+        },
+        inputs,
+    )
     try:
         result = measure_build(build_dir, options)
     except MeasureError as exc:
         click.echo(f"cube measure: {exc}", err=True)
         sys.exit(EXIT_UNMEASURABLE)
-    policy_path = out or build_dir / "policy.json"
-    measurements_path = measurements_out or build_dir / "measurements.json"
-    snp_path = policy_path.with_name(policy_path.stem + "-sev-snp.json")
     # An SNP policy of an earlier build must not stay beside this build's policy.
     snp_text = None if result.snp_policy is None else result.snp_policy.dumps()
     _write_all(

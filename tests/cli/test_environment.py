@@ -23,8 +23,15 @@ COMMAND_LINE_ONLY = {
     ("measure", "--kernel-load-measured"),
     ("measure", "--pcr11-phases"),
     ("admin", "users", "create", "--admin"),
+    ("admin", "users", "update", "--admin"),
+    ("admin", "domains", "create", "--owner-email"),
     ("admin", "domains", "delete", "--yes"),
+    ("admin", "members", "add", "--role"),
     ("admin", "tokens", "create", "--action"),
+    ("admin", "tokens", "create", "--model"),
+    ("admin", "backends", "add", "--model"),
+    ("admin", "backends", "update", "--model"),
+    ("admin", "backends", "update", "--enable"),
 }
 
 
@@ -106,3 +113,14 @@ def test_inputs_of_another_platform_are_a_usage_error(tmp_path: Path) -> None:
         result = runner.invoke(cube, ["attest", "verify", *args])
         assert result.exit_code == 2, (args, result.output)
         assert "would be ignored" in result.output or "--nonce goes with" in result.output
+
+
+def test_no_option_of_a_role_or_an_owner_reads_the_environment() -> None:
+    """CUBE_ADMIN_MEMBERS_ADD_ROLE=owner granted ownership with every `members add`: whatever
+    names a role, an owner or an administrator is said on the command line (a new option of
+    that kind must join COMMAND_LINE_ONLY)."""
+    granting = ("role", "owner", "admin", "action")
+    for path, option in _options(cube, ()):
+        flag = next(o for o in option.opts if o.startswith("--"))
+        if path[0] == "admin" and any(word in flag for word in granting):
+            assert (*path, flag) in COMMAND_LINE_ONLY, (path, flag)

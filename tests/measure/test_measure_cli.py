@@ -206,3 +206,35 @@ def test_an_unwritable_output_is_a_clean_error_and_writes_nothing(tmp_path: Path
     assert result.exit_code == 3
     assert "cannot write" in result.output
     assert not (build / "measurements.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "measurements", "message"),
+    [
+        # The SNP policy's sibling is removed as stale: it took the measurements with it.
+        ("p.json", "p-sev-snp.json", "SEV-SNP policy"),
+        ("build/cube.efi", None, "is an input"),  # the UKI was overwritten with a policy
+        ("build/../build/agent-config.json", None, "is an input"),
+        (None, "build/model-volume.json", "is an input"),
+        ("same.json", "same.json", "are one file"),  # one of the two was lost
+        ("link.json", "target.json", "are one file"),  # through a symbolic link
+    ],
+)
+def test_outputs_that_collide_are_a_usage_error_and_touch_nothing(
+    tmp_path: Path, out: str | None, measurements: str | None, message: str
+) -> None:
+    build = make_build(tmp_path)
+    (tmp_path / "target.json").write_text("keep")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    (tmp_path / "p-sev-snp.json").write_text("keep")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    args = ["measure", str(build)]
+    if out is not None:
+        args += ["--out", str(tmp_path / out)]
+    if measurements is not None:
+        args += ["--measurements", str(tmp_path / measurements)]
+    result = CliRunner().invoke(cube, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert after == before  # nothing written, overwritten or removed

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
+from cube.cli import cube
 from proxy.admin_cli import admin
 from tests.proxy.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AdminServer, free_port
 
@@ -228,3 +235,212 @@ def test_passwords_are_never_command_line_arguments() -> None:
         help_text = CliRunner().invoke(admin, [*command, "--help"]).output
         assert "--password-stdin" in help_text
         assert "--password " not in help_text and "--password=" not in help_text
+
+
+# -- answers that are not the admin API's ---------------------------------------------------------
+
+
+class _Misbehaving:
+    """A loopback server that answers every request with ``reply(conn)`` (raw bytes on the
+    socket) and records the requests' bodies."""
+
+    def __init__(self, reply: Callable[[socket.socket], None]) -> None:
+        self.reply = reply
+        self.bodies: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(body) < length:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    body += piece
+                self.bodies.append(body)
+                self.reply(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def _misbehaving(reply: Callable[[socket.socket], None]) -> Iterator[_Misbehaving]:
+    server = _Misbehaving(reply)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _send(raw: bytes) -> Callable[[socket.socket], None]:
+    return lambda conn: conn.sendall(raw)
+
+
+def _answer(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _admin(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
+    """``cube admin ...`` as ``cube`` runs it (options also from CUBE_* variables)."""
+    return CliRunner().invoke(
+        cube, ["admin", *args], input=stdin, env=env or {}, auto_envvar_prefix="CUBE"
+    )
+
+
+def _refused(result: Result, *needles: str) -> None:
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert "Traceback" not in result.output and result.stderr.startswith("error: ")
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x00\x01garbage not http\r\n\r\n", "did not answer HTTP"),  # BadStatusLine
+        (b"", "did not answer HTTP"),  # closed without an answer: RemoteDisconnected
+        # A bad chunk size: IncompleteRead while reading the body.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "did not answer HTTP"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "did not answer HTTP"),
+        # An error answer cut short: its body unreadable (IncompleteRead), the status stays.
+        (b'HTTP/1.1 500 X\r\nContent-Length: 100\r\n\r\n{"a":', "HTTP 500"),
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"a":', "did not answer JSON"),
+    ],
+)
+def test_an_answer_that_is_not_http_is_an_error_message(raw: bytes, message: str) -> None:
+    """http.client's exceptions (BadStatusLine, IncompleteRead, ...) are no OSError: they
+    were tracebacks."""
+    with _misbehaving(_send(raw)) as server:
+        _refused(_admin("--url", server.url, "--token", "t", "whoami"), message)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:notaport",  # http.client.InvalidURL (no ValueError in 3.11)
+        "http://exa mple.com",
+        "http://a%0d%0ab",
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "http:///no-host",
+    ],
+)
+def test_a_malformed_url_is_an_error_message(url: str) -> None:
+    _refused(_admin("--url", url, "--token", "t", "whoami"), "error: ")
+
+
+def test_a_server_sending_a_byte_a_second_meets_the_deadline() -> None:
+    """A timeout per read never ends a call whose server sends a byte a second: the whole
+    call has one deadline (--timeout)."""
+
+    def drip(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while True:
+            conn.sendall(b" ")
+            time.sleep(0.2)
+
+    with _misbehaving(drip) as server:
+        started = time.monotonic()
+        result = _admin("--url", server.url, "--token", "t", "--timeout", "1", "whoami")
+        _refused(result, "did not answer within 1 seconds")
+        assert time.monotonic() - started < 10
+
+
+def test_a_server_dripping_its_status_line_meets_the_deadline() -> None:
+    def drip(conn: socket.socket) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\n":
+            conn.sendall(bytes([byte]))
+            time.sleep(0.3)
+
+    with _misbehaving(drip) as server:
+        started = time.monotonic()
+        _refused(_admin("--url", server.url, "--token", "t", "--timeout", "1", "whoami"))
+        assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_an_endless_answer_is_refused_past_16_mib(announced: bool) -> None:
+    """An endless body grew the process to gigabytes: past 16 MiB the answer is refused."""
+
+    def endless(conn: socket.socket) -> None:
+        length = f"Content-Length: {2**40}\r\n" if announced else ""
+        conn.sendall(f"HTTP/1.1 200 OK\r\n{length}\r\n".encode())
+        chunk = b"[" * 65536
+        while True:
+            conn.sendall(chunk)
+
+    with _misbehaving(endless) as server:
+        _refused(_admin("--url", server.url, "--token", "t", "whoami"), "more than 16 MiB")
+
+
+@pytest.mark.parametrize("answer", [b"[1,2]", b'"x"', b'{"ok":true}', b'{"access_token":7}'])
+def test_login_print_token_without_a_token_in_the_answer_is_an_error(answer: bytes) -> None:
+    with _misbehaving(_send(_answer("200 OK", answer))) as server:
+        result = _admin(
+            "--url", server.url, "login", "--email", "a@b.c", "--password-stdin", "--print-token",
+            stdin="password\n",
+        )  # fmt: skip
+        _refused(result, "no access token")
+
+
+def test_the_servers_error_text_is_shown_escaped() -> None:
+    """What a server says is shown, never obeyed: an escape sequence cannot clear the screen."""
+    body = b'{"error":{"message":"\\u001b[2J\\u001b[Hall good","code":"x\\u001b[31m"}}'
+    with _misbehaving(_send(_answer("400 Bad Request", body))) as server:
+        result = _admin("--url", server.url, "--token", "t", "whoami")
+        _refused(result, "\\x1b[2J\\x1b[Hall good", "(x\\x1b[31m)")
+        assert "\x1b" not in result.stderr
+
+
+def test_a_url_is_shown_without_credentials_or_query() -> None:
+    port = free_port()
+    for url in (f"http://u:SECRET@127.0.0.1:{port}", f"http://127.0.0.1:{port}/?api_key=SECRET"):
+        result = _admin("--url", url, "--token", "t", "whoami")
+        _refused(result, f"127.0.0.1:{port}")
+        assert "SECRET" not in result.output
+
+
+def test_a_role_is_never_taken_from_the_environment() -> None:
+    """CUBE_ADMIN_MEMBERS_ADD_ROLE=owner made every `members add` grant ownership."""
+    answer = _answer("201 Created", b'{"role":"member"}')
+    env = {"CUBE_ADMIN_MEMBERS_ADD_ROLE": "owner", "CUBE_ADMIN_DOMAINS_CREATE_OWNER_EMAIL": "x@y"}
+    with _misbehaving(_send(answer)) as server:
+        added = _admin(
+            "--url", server.url, "--token", "t", "members", "add", "acme", "a@b.c", env=env
+        )
+        created = _admin("--url", server.url, "--token", "t", "domains", "create", "acme", env=env)
+        assert added.exit_code == 0 and created.exit_code == 0, (added.output, created.output)
+        sent = [json.loads(body) for body in server.bodies]
+    assert sent == [{"email": "a@b.c", "role": "member"}, {"alias": "acme", "name": ""}]

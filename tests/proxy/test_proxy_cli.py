@@ -159,3 +159,47 @@ def test_the_metrics_token_comes_from_the_environment_and_must_be_a_secret(
     assert main(["--print-config"], environ=env) == 2
     err = capsys.readouterr().err
     assert "invalid configuration" in err and "short-token" not in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--session-ttl", "0"],
+        ["--access-token-ttl", "0"],
+        ["--refresh-token-ttl", "-5"],
+        ["--pat-max-ttl", "0"],
+        ["--key-rotation-seconds", "0"],
+        ["--identity-cache-seconds", "-1"],
+        [
+            "--oidc-issuer",
+            "https://idp.example",
+            "--oidc-audience",
+            "cube",
+            "--oidc-jwks-url",
+            "http://idp.example/jwks.json",
+        ],
+    ],
+)
+def test_what_the_identity_layer_refuses_is_a_configuration_error(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These passed validation, then the identity layer's ValueError was a traceback and
+    exit 1 at start: now "invalid configuration" and exit 2, before anything starts."""
+    env = {"CUBE_PROXY_DATABASE": f"sqlite:///{tmp_path / 'p.db'}"}
+    assert main([*flags, "--workers", "1", "--port", "1"], environ=env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cube-proxy: invalid configuration: ") and "Traceback" not in err
+    assert not (tmp_path / "p.db").exists()
+
+
+def test_the_executable_refuses_a_zero_session_ttl_with_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(proxy_executable()), "--session-ttl", "0", "--workers", "1", "--port", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CUBE_PROXY_DATABASE": f"sqlite:///{tmp_path / 'p.db'}"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid configuration: session_ttl" in proc.stderr and "Traceback" not in proc.stderr
