@@ -73,14 +73,23 @@ class Report:
     url: str
     via_proxy: bool
     policy_source: str
-    policy: Policy
+    #: None: the policy could not be loaded (nothing was judged against any policy).
+    policy: Policy | None
     outcome: Outcome
     endpoint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def judged_by(self) -> Policy:
+        """The policy, for showing its reference values (an empty one when none loaded)."""
+        return self.policy if self.policy is not None else Policy()
 
     def to_json(self) -> dict[str, Any]:
         out = {"url": self.url, "via_proxy": self.via_proxy, **self.outcome.to_json()}
         out["simulated"] = self.outcome.platform.startswith("sim-")
-        out["policy"] = {"source": self.policy_source, **self.policy.to_json()}
+        # None: the policy could not be loaded (nothing was judged against a default).
+        out["policy"] = (
+            None if self.policy is None else {"source": self.policy_source, **self.policy.to_json()}
+        )
         out["endpoint"] = self.endpoint
         return out
 
@@ -190,7 +199,7 @@ def _check_mark(checks: Iterable[Check], name: str) -> str:
 
 def _measured(report: Report, fields: dict[str, Any]) -> None:
     """What was measured, and the reference values it was compared against."""
-    policy = report.policy
+    policy = report.judged_by
     checks = list(report.outcome.checks)
     platform = report.outcome.platform.removeprefix("sim-")
     if "measurement" in fields:
@@ -265,12 +274,12 @@ def _echo_report(report: Report, *, explain: bool) -> None:
             f"{model.get('name', '?')}  {model.get('digest', '?')}"
             + _check_mark(checks, "policy.model_digest"),
         )
-        _line("", f"accepted: {_digests(report.policy.model_digests)}")
+        _line("", f"accepted: {_digests(report.judged_by.model_digests)}")
         _line(
             "config",
             f"{claims.get('config_digest', '?')}" + _check_mark(checks, "policy.config_digest"),
         )
-        _line("", f"accepted: {_digests(report.policy.config_digests)}")
+        _line("", f"accepted: {_digests(report.judged_by.config_digests)}")
         _line("agent", str(claims.get("agent_version", "?")))
     facts = report.endpoint
     if facts:
@@ -295,7 +304,7 @@ def _echo_report(report: Report, *, explain: bool) -> None:
         _line(
             "issued",
             f"{facts['issued_at']}, {max(facts['age_seconds'], 0):.0f} s old when verified "
-            f"(max {report.policy.max_evidence_age_seconds} s)",
+            f"(max {report.judged_by.max_evidence_age_seconds} s)",
         )
         _line("valid until", str(facts["expires_at"]))
     for note in outcome.notes:
@@ -387,17 +396,19 @@ def verify(
     """
     source = reference_source(policy_path, reference_path)
     from cube_client import parse_endpoint, verify_endpoint
+    from cube_client._text import shown_url
 
     context = ssl_context(ca)
     try:
         policy = load_reference(source)
     except InvalidPolicyError as exc:
         rejected = Outcome(platform="unknown", error=exc)
-        _emit(Report(url, bool(via_proxy), str(source), Policy(), rejected), as_json=as_json,
-              explain=explain)  # fmt: skip
+        _emit(Report(shown_url(url), bool(via_proxy), str(source), None, rejected),
+              as_json=as_json, explain=explain)  # fmt: skip
     checks = Checks()
     outcome = Outcome(platform="unknown", checks=checks)
-    report = Report(url, bool(via_proxy), str(source), policy, outcome)
+    # (Shown, never the URL as given: it may carry credentials or an api_key query.)
+    report = Report(shown_url(url), bool(via_proxy), str(source), policy, outcome)
     try:
         report.via_proxy = parse_endpoint(url, via_proxy).via_proxy
         found = verify_endpoint(

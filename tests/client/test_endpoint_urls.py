@@ -81,3 +81,10 @@ def test_cube_verify_reports_a_url_without_its_credentials(policy_file: Path) ->
         assert result.exit_code == 3, result.output
         message = json.loads(result.stdout)["error"]["message"]
         assert "SECRET" not in message and "127.0.0.1:9" in message
+        # Nor anywhere else in the report (its "url" field, the human header line).
+        assert "SECRET" not in result.stdout
+        human = _cube("verify", url, "--policy", str(policy_file))
+        assert "SECRET" not in human.output and "127.0.0.1:9" in human.output
+    # A policy that cannot be loaded is reported as none, not as the default policy.
+    unloadable = _cube("verify", "https://127.0.0.1:9/acme", "--policy", __file__, "--json")
+    assert json.loads(unloadable.stdout)["policy"] is None
