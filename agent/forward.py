@@ -124,6 +124,8 @@ _NOT_FORWARDED: Final = _HOP_BY_HOP | frozenset(
         "host",
         "content-length",
         "accept-encoding",
+        # Only "identity" gets this far (read_body refuses the rest): nothing to tell.
+        "content-encoding",
         "expect",
     }
 )
@@ -196,10 +198,15 @@ class BackendError(Exception):
         self.headers = headers
 
     def response(self) -> web.Response:
+        headers = dict(self.headers or {})
+        if self.status >= 500 and self.code != "backend_unavailable":
+            # The backend had the request (only "unavailable" means it never connected): the
+            # openai SDK would send it again, twice by default, running the prompt each time.
+            headers["x-should-retry"] = "false"
         if self.payload is not None:
-            return web.json_response(self.payload, status=self.status, headers=self.headers)
+            return web.json_response(self.payload, status=self.status, headers=headers)
         return error_response(
-            self.status, self.message, self.error_type, self.code, headers=self.headers
+            self.status, self.message, self.error_type, self.code, headers=headers
         )
 
 
@@ -499,8 +506,8 @@ BODY_READ_SECONDS = 60.0
 
 async def read_body(request: web.Request, config: AgentConfig) -> bytes:
     """The request body, refusing more than ``max_body_bytes`` with a 413 (a JSON error)."""
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
-    if encoding != "identity":
+    encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if any(value.strip().lower() not in ("identity", "") for value in encodings):
         # Decoded here, the body would reach the backend under a header that no longer fits
         # it; undecodable, it failed as a 500. No client of these APIs compresses requests.
         raise BackendError(
@@ -727,17 +734,12 @@ class _Framer:
 
 
 def _stream_error_record(framing: Framing) -> bytes:
-    error = {
-        "error": {
-            "message": "the backend failed mid-stream",
-            "type": "backend_error",
-            "code": "backend_stream_error",
-        }
-    }
-    payload = json.dumps(error, separators=(",", ":")).encode()
+    message, code = "the backend failed mid-stream", "backend_stream_error"
     if framing == "sse":
-        return b"event: error\ndata: " + payload + b"\n\n"
-    return payload + b"\n"
+        error = {"error": {"message": message, "type": "backend_error", "code": code}}
+        return b"event: error\ndata: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+    # NDJSON is Ollama's framing, and Ollama's error line is {"error": "<text>"}.
+    return json.dumps({"error": message, "code": code}, separators=(",", ":")).encode() + b"\n"
 
 
 async def _relay_stream(

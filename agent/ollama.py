@@ -45,56 +45,30 @@ from agent.forward import (
     require_principal,
     run_exchange,
 )
+from cube._model_names import OLLAMA_DEFAULT_HOST, OLLAMA_DEFAULT_NAMESPACE, ollama_canonical
 
 __all__ = ["ENDPOINT", "canonical_model", "ollama_usage", "setup", "short_model"]
 
 #: The endpoint scope (``endpoint:ollama``) every native Ollama route requires.
 ENDPOINT: Final = "ollama"
 
-_DEFAULT_HOST: Final = "registry.ollama.ai"
-_DEFAULT_NAMESPACE: Final = "library"
-_DEFAULT_TAG: Final = "latest"
 
 _PROMPT_EVAL_RE: Final = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _EVAL_RE: Final = re.compile(rb'"eval_count"\s*:\s*(\d+)')
 
 
-def canonical_model(name: str) -> str:
-    """Ollama's fully qualified form of a model name: ``host/namespace/model:tag[@digest]``.
-
-    Ollama fills in ``registry.ollama.ai``, ``library`` and ``latest`` where a name omits them.
-    Case is kept: treating two spellings as one model is only safe where Ollama does too.
-    A name of more than three path parts is returned unchanged (it then matches only itself).
-    """
-    digest = ""
-    at = name.find("@")
-    if at >= 0:
-        name, digest = name[:at], name[at:]
-    tag = _DEFAULT_TAG
-    colon, slash = name.rfind(":"), name.rfind("/")
-    if colon > slash:  # a colon before the last slash is a registry port, not a tag
-        name, tag = name[:colon], name[colon + 1 :]
-    parts = name.split("/")
-    if len(parts) == 1:
-        host, namespace, model = _DEFAULT_HOST, _DEFAULT_NAMESPACE, parts[0]
-    elif len(parts) == 2:
-        host, namespace, model = _DEFAULT_HOST, parts[0], parts[1]
-    elif len(parts) == 3:
-        host, namespace, model = parts
-    else:
-        return name + (":" + tag if colon > slash else "") + digest
-    return f"{host}/{namespace}/{model}:{tag}{digest}"
+canonical_model = ollama_canonical
 
 
 def short_model(name: str) -> str:
     """:func:`canonical_model` without Ollama's default registry and namespace
     (``llama3.2`` -> ``llama3.2:latest``): one spelling per model, as ``ollama list`` shows it."""
     canonical = canonical_model(name)
-    host = f"{_DEFAULT_HOST}/"
+    host = f"{OLLAMA_DEFAULT_HOST}/"
     if not canonical.startswith(host):
         return canonical
     short = canonical[len(host) :]
-    namespace = f"{_DEFAULT_NAMESPACE}/"
+    namespace = f"{OLLAMA_DEFAULT_NAMESPACE}/"
     return short[len(namespace) :] if short.startswith(namespace) else short
 
 

@@ -17,6 +17,7 @@ type and the stack frames, never the exception's message (it could quote request
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -126,7 +127,35 @@ _ERROR_TYPES = {
 
 @web.middleware
 async def json_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's HTTP errors as JSON; anything unexpected as a bare 500 (no traceback out)."""
+    """aiohttp's HTTP errors as JSON; anything unexpected as a bare 500 (no traceback out).
+    On Ollama's routes (``/api/...``) every JSON error is in Ollama's shape."""
+    response = await _json_errors(request, handler)
+    if request.path.startswith("/api/"):
+        _to_ollama_shape(response)
+    return response
+
+
+def _to_ollama_shape(response: web.StreamResponse) -> None:
+    """``{"error": {"message", "code", ...}}`` → ``{"error": "<message>", "code": ...}``: the
+    ``ollama`` client and Open WebUI read ``error`` as text (a dict made the client raise
+    TypeError instead of its ResponseError)."""
+    if (
+        not isinstance(response, web.Response)
+        or response.status < 400
+        or response.content_type != "application/json"
+        or not isinstance(response.body, bytes)
+    ):
+        return
+    try:
+        document = json.loads(response.body)
+    except ValueError:
+        return
+    error = document.get("error") if isinstance(document, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        response.body = json.dumps({"error": error["message"], "code": error.get("code")}).encode()
+
+
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import socket
 import ssl
 import sys
@@ -51,6 +50,7 @@ from attestation.errors import AttestationError, CollectionError
 from attestation.evidence import EvidenceCollector
 from attestation.guest import ConfigfsTsm, TeeDevice, detect_tee
 from attestation.tpm.device import DEFAULT_EVENT_LOG, TpmQuoter
+from cube._signals import stop_signals
 
 __all__ = [
     "EXIT_CONFIG",
@@ -443,7 +443,7 @@ async def serve(config: AgentConfig, *, stop: asyncio.Event | None = None) -> No
         prepared.close()
         raise
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in stop_signals():
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     try:

@@ -58,7 +58,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, BackendSpec
@@ -72,6 +72,7 @@ from proxy.identity.errors import (
     NotFound,
     TooManyAttempts,
     Unauthorized,
+    UnsupportedEncoding,
 )
 from proxy.identity.models import Principal, backend_json, check_email, limits_json
 from proxy.identity.records import read_audit, usage_summary
@@ -191,6 +192,9 @@ def _check_string(value: str, where: str) -> None:
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
+    encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if any(value.strip().lower() not in ("identity", "") for value in encodings):
+        raise UnsupportedEncoding("request bodies must not be content-encoded")
     # UTF-8 whatever the Content-Type says (RFC 8259): an unknown charset is no reason to fail.
     raw = await request.read()
     try:

@@ -18,7 +18,8 @@ SIGINT to them, and stops them all if one exits. A worker exits when its parent 
 the workers share and what they do not is in docs/proxy.md ("Worker processes").
 
 Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT, or SIGHUP — a closed terminal or SSH
-session: it drains and writes the audit queue rather than dying), 2 for an invalid
+session: it drains and writes the audit queue rather than dying; under ``nohup`` a hangup is
+ignored), 2 for an invalid
 configuration, 1 when the proxy cannot start (database, keys, port) or a worker failed.
 """
 
@@ -44,6 +45,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cube._signals import stop_signals
 from proxy.config import CONFIG_ENV, OPTIONS, ConfigError, ProxyConfig, effective_config
 from proxy.gateway import EdgeSite
 from proxy.gateway.edge import DRAIN_SECONDS
@@ -184,7 +186,7 @@ async def serve(
         )
         _tune_gc()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in stop_signals():
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
@@ -254,9 +256,7 @@ def _supervise(
         nonlocal stopping
         stopping = True
 
-    previous = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals()}
     with tempfile.TemporaryDirectory(prefix="cube-proxy-") as tmp:
         from proxy.gateway.metrics import MULTIPROCESS_ENV
         from proxy.gateway.ratelimit import SharedBuckets

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from cube._model_names import ollama_canonical
+
 __all__ = [
     "ACTIONS",
     "RESERVED_ALIASES",
@@ -102,8 +104,15 @@ class Caller:
     def may(self, action: str) -> bool:
         return action in self.actions
 
-    def may_use_model(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    def may_use_model(self, model: str, *, ollama_names: bool = False) -> bool:
+        """Whether the scope allows ``model``; with ``ollama_names`` (an Ollama route), in
+        any spelling Ollama reads as the same model (``llama3.2`` is ``llama3.2:latest``)."""
+        if self.models is None or model in self.models:
+            return True
+        if not ollama_names:
+            return False
+        wanted = ollama_canonical(model)
+        return any(ollama_canonical(allowed) == wanted for allowed in self.models)
 
 
 @dataclass(frozen=True)

@@ -130,12 +130,13 @@ def is_unavailable(exc: BaseException) -> bool:
     # PostgreSQL refusing work for now (shutting down, starting up, too many connections)
     # comes as a plain DBAPIError: its SQLSTATE tells an outage from a refused statement.
     state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
-    return isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_SQLSTATES)
+    return isinstance(state, str) and state.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
 
 
-#: admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
-#: insufficient_resources (class 08 is connection exceptions).
-_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "53400"})
+#: Class 08 (connection exceptions), 53 (insufficient resources: disk full, out of memory,
+#: too many connections), 57P (shutting down, starting up), and 25006: a read-only
+#: transaction — a failover that left the proxy on a standby until the primary is back.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P", "25006")
 
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey"})

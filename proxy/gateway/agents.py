@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import aiohttp
 from yarl import URL
 
+from cube._model_names import ollama_canonical
 from proxy.directory import BackendSpec
 from proxy.gateway.tls import agent_base_url
 
@@ -145,7 +146,14 @@ class Agent:
             return False
         if ollama and self.spec.kind != "ollama":
             return False
-        return model is None or not self.spec.models or model in self.spec.models
+        if model is None or not self.spec.models or model in self.spec.models:
+            return True
+        if self.spec.kind != "ollama":
+            return False
+        # Ollama reads llama3.2, llama3.2:latest and library/llama3.2 as one model, and its
+        # /api/tags lists the tagged form that clients then ask for.
+        wanted = ollama_canonical(model)
+        return any(ollama_canonical(name) == wanted for name in self.spec.models)
 
     def __repr__(self) -> str:
         return f"Agent(id={self.spec.id!r}, url={self.spec.url!r})"

@@ -50,18 +50,21 @@ from proxy.gateway.agents import Agent, Trust
 from proxy.gateway.errors import DATABASE_UNAVAILABLE, GatewayError, error_document
 from proxy.gateway.forward import (
     PROXY_MS_HEADER,
+    SHOULD_RETRY_HEADER,
     Exchange,
     Incoming,
     client_gone,
     finish,
     forward,
     is_e2e,
+    is_ollama_route,
     is_stream,
     prepare,
     read_whole,
     record_error,
     response_headers,
     route_name,
+    should_not_retry,
     stream_ended,
     whole_usage,
 )
@@ -152,11 +155,19 @@ def _head_bytes(
 
 def _error_reply(ex: Exchange, error: GatewayError) -> _Reply:
     record_error(ex, error)
-    document = error_document(error.status, error.message, type_=error.type, code=error.code)
+    document = error_document(
+        error.status,
+        error.message,
+        type_=error.type,
+        code=error.code,
+        ollama=is_ollama_route(ex),
+    )
     body = json.dumps(document).encode()
     headers = [("Content-Type", "application/json; charset=utf-8")]
     headers += list(error.headers.items())
     headers.append((PROXY_MS_HEADER, ex.added_ms()))
+    if should_not_retry(ex, error):
+        headers.append((SHOULD_RETRY_HEADER, "false"))
     return _Reply(error.status, headers, body)
 
 

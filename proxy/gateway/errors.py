@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -35,9 +35,17 @@ def _fallback_type(status: int) -> str:
 
 
 def error_document(
-    status: int, message: str, *, type_: str | None = None, code: str | None = None
-) -> dict[str, dict[str, str | None]]:
-    """``{"error": {"message", "type", "code"}}`` (OpenAI's shape)."""
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    code: str | None = None,
+    ollama: bool = False,
+) -> dict[str, Any]:
+    """``{"error": {"message", "type", "code"}}`` (OpenAI's shape), or on Ollama's routes
+    ``{"error": "<message>", "code": ...}`` (Ollama's: its clients read ``error`` as text)."""
+    if ollama:
+        return {"error": message, "code": code}
     return {
         "error": {
             "message": message,
@@ -54,9 +62,10 @@ def json_error(
     type_: str | None = None,
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
+    ollama: bool = False,
 ) -> web.Response:
     """:func:`error_document` as a response with ``status``."""
-    document = error_document(status, message, type_=type_, code=code)
+    document = error_document(status, message, type_=type_, code=code, ollama=ollama)
     return web.json_response(document, status=status, headers=headers)
 
 
@@ -91,7 +100,13 @@ class GatewayError(Exception):
         self.type = type_
         self.headers = dict(headers or {})
 
-    def response(self) -> web.Response:
+    def response(self, *, ollama: bool = False) -> web.Response:
+        """The JSON error (Ollama's shape on its routes)."""
         return json_error(
-            self.status, self.message, type_=self.type, code=self.code, headers=self.headers
+            self.status,
+            self.message,
+            type_=self.type,
+            code=self.code,
+            headers=self.headers,
+            ollama=ollama,
         )

@@ -26,7 +26,6 @@ import base64
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,7 +116,6 @@ E2E_MODEL_HEADER: Final = "Cube-E2E-Model"
 E2E_AGENT_HEADER: Final = "Cube-E2E-Agent"
 #: The OpenAI stream's last event.
 _STREAM_END: Final = b"data: [DONE]"
-_OLLAMA_DONE: Final = re.compile(rb'"done"\s*:\s*true\b')
 #: How a sealed stream's records start on the wire (docs/e2e-encryption.md): an SSE event's
 #: data line, or an NDJSON line; a record's first byte (its kind) is not encrypted.
 _SEALED_RECORDS: Final = ((b"event: cube-e2e\ndata: ", b"\n"), (b'{"cube-e2e":"', b'"'))
@@ -145,8 +143,12 @@ class Exchange:
     #: A stream's last event ("data: [DONE]") was written: a client closing after it (as the
     #: openai SDK does) received the whole answer, which is audited as such, not as 499.
     delivered: bool = False
-    #: The size of the body sent to a verified agent (None: nothing was sent).
+    #: The size of the body sent to a verified agent (None: nothing reached one). Once set,
+    #: an error tells the client not to retry (``x-should-retry: false``): the agent, and
+    #: its backend, may have done the work.
     sent_bytes: int | None = None
+    #: The proxy cut the answer short (its shutdown): the work done is charged all the same.
+    cut: bool = False
 
     def added_ms(self) -> str:
         """The proxy's own time so far (frozen once the response headers are written)."""
@@ -357,6 +359,9 @@ def response_headers(
             out.append((name, value))
     out.append(("X-Cube-Agent", agent.id))
     out.append(("X-Cube-Evidence", trust.evidence_digest))
+    if upstream.status >= 500:
+        # The agent had the request: a retry would run it again (see should_not_retry).
+        out.append((SHOULD_RETRY_HEADER, "false"))
     return out
 
 
@@ -372,7 +377,7 @@ def stream_ended(chunk: bytes, *, sealed: bool) -> bool:
         return (
             chunk.startswith(_STREAM_END)
             or b"\n" + _STREAM_END in chunk
-            or (b'"done"' in chunk and _OLLAMA_DONE.search(chunk) is not None)
+            or (b'"done"' in chunk and _ollama_done(chunk))
         )
     for prefix, stop in _SEALED_RECORDS:
         start = chunk.find(prefix)
@@ -388,6 +393,22 @@ def stream_ended(chunk: bytes, *, sealed: bool) -> bool:
             if record[:1] == bytes([_SEALED_END_KIND]):
                 return True
             start = chunk.find(prefix, end)
+    return False
+
+
+def _ollama_done(chunk: bytes) -> bool:
+    """An NDJSON line whose top-level ``done`` is true (a model's tool-call arguments are a
+    JSON object in Ollama's answers: a nested ``"done": true`` is not the end). A line cut
+    across chunks does not parse: at worst a client closing right then is audited 499."""
+    for line in chunk.split(b"\n"):
+        if b'"done"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("done") is True:
+            return True
     return False
 
 
@@ -464,6 +485,7 @@ async def _open(
             )
         except CertificateMismatch:
             ex.upstream_wait += time.perf_counter() - t0
+            ex.sent_bytes = None  # nothing reached the agent
             gw.gate.certificate_changed(agent, trust)
             if changed:
                 raise AgentFailure(
@@ -475,6 +497,7 @@ async def _open(
             continue
         except ConnectFailed as exc:
             ex.upstream_wait += time.perf_counter() - t0
+            ex.sent_bytes = None  # nothing reached the agent
             gw.metrics.agent_errors.labels(kind="connect").inc()
             agent.mark_down(str(exc), gw.settings.down_seconds)
             raise AgentFailure(
@@ -726,7 +749,7 @@ def _with_prompt_estimate(ex: Exchange, usage: Usage | None) -> Usage | None:
     ):
         return usage
     cut = usage is not None and usage.estimated
-    if not (200 <= ex.status < 300 or ex.status == _STATUS_CLIENT_CLOSED or cut):
+    if not (200 <= ex.status < 300 or ex.status == _STATUS_CLIENT_CLOSED or cut or ex.cut):
         return usage  # refused by the agent: its backend did no work
     return Usage(
         estimated_prompt_tokens(ex.sent_bytes),
@@ -777,11 +800,28 @@ def record_error(ex: Exchange, error: GatewayError) -> None:
         ex.detail = error.code
 
 
+def is_ollama_route(ex: Exchange) -> bool:
+    """Ollama's API (``/api/...``): its errors are in Ollama's shape."""
+    return ex.route.startswith("/api/")
+
+
 def _error(ex: Exchange, error: GatewayError) -> web.Response:
     record_error(ex, error)
-    response = error.response()
+    response = error.response(ollama=is_ollama_route(ex))
     response.headers[PROXY_MS_HEADER] = ex.added_ms()
+    if should_not_retry(ex, error):
+        response.headers[SHOULD_RETRY_HEADER] = "false"
     return response
+
+
+#: Read by the openai SDK (and Stainless-generated clients) before retrying a failed request.
+SHOULD_RETRY_HEADER: Final = "x-should-retry"
+
+
+def should_not_retry(ex: Exchange, error: GatewayError) -> bool:
+    """A server error after the request reached an agent: the SDK would send it again (twice,
+    by default), and the backend would run the prompt again each time."""
+    return ex.sent_bytes is not None and error.status >= 500
 
 
 def route_name(path: str) -> str:
@@ -796,6 +836,7 @@ def client_gone(gw: Gateway, ex: Exchange) -> None:
     elif gw.stopping:
         ex.status = 503
         ex.detail = "cut: cube-proxy shut down before the answer ended"
+        ex.cut = True
     else:
         ex.status = _STATUS_CLIENT_CLOSED
         ex.detail = "client disconnected"
@@ -847,11 +888,16 @@ async def prepare(
     rate limits, the domain's policy and agents, and the token the agent gets."""
     target = _target(inc, alias, tail)
     if inc.method not in ("GET", "POST"):
-        raise GatewayError(405, f"method {inc.method} is not supported", code="bad_method")
+        raise GatewayError(
+            405,
+            f"method {inc.method} is not supported",
+            code="bad_method",
+            headers={"Allow": "GET, POST"},
+        )
     ex.caller = caller = await _authenticate(gw, inc, alias)
     _require_inference(gw, caller)
-    encoding = inc.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
-    if encoding not in ("identity", ""):
+    encodings = inc.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if any(value.strip().lower() not in ("identity", "") for value in encodings):
         # Its model could not be read (so not checked against the credential's scope), and
         # the agent refuses encoded bodies anyway.
         raise GatewayError(
@@ -861,7 +907,7 @@ async def prepare(
     if inc.method == "POST":
         body = await read_body()
         ex.model = await _request_model(inc, body, ollama)
-    if ex.model is not None and not caller.may_use_model(ex.model):
+    if ex.model is not None and not caller.may_use_model(ex.model, ollama_names=ollama):
         raise GatewayError(
             403, f"this credential may not use the model {ex.model!r}", code="model_forbidden"
         )
@@ -1011,6 +1057,7 @@ async def _pass_evidence(
                 body = await upstream.read(gw.settings.max_evidence_bytes)
         except CertificateMismatch:
             ex.upstream_wait += time.perf_counter() - t0
+            ex.sent_bytes = None  # nothing reached the agent
             gw.gate.certificate_changed(agent, trust)
             if changed:
                 raise AgentFailure(
@@ -1022,6 +1069,7 @@ async def _pass_evidence(
             continue
         except StaleConnection:
             ex.upstream_wait += time.perf_counter() - t0
+            ex.sent_bytes = None  # nothing reached the agent
             if fresh:
                 raise AgentFailure(
                     f"agent {agent.id} closed the connection",

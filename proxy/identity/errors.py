@@ -13,6 +13,7 @@ __all__ = [
     "NotFound",
     "TooManyAttempts",
     "Unauthorized",
+    "UnsupportedEncoding",
 ]
 
 
@@ -32,6 +33,13 @@ class Invalid(IdentityError):
     status = 400
     code = "invalid_request"
     type = "invalid_request_error"
+
+
+class UnsupportedEncoding(Invalid):
+    """A content-encoded request body (nobody's client compresses these)."""
+
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class Unauthorized(IdentityError):

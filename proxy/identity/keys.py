@@ -341,7 +341,9 @@ class ForwardSigner:
         elif caller.models is None:
             scoped = tuple(models)
         else:
-            scoped = tuple(m for m in models if m in caller.models)
+            # (The gateway checked the request's model against the scope already, Ollama's
+            # spellings of one model as one on its routes; the agent compares them alike.)
+            scoped = tuple(m for m in models if caller.may_use_model(m, ollama_names=True))
         if scoped is not None and not scoped:
             # An empty model list in the scope would mean "any model" to the agent.
             raise AuthError(403, "this credential does not allow that model")

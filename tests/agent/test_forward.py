@@ -414,6 +414,7 @@ def test_backend_down_is_503_quickly(start_agent: StartAgent) -> None:
     assert time.monotonic() - started < 2
     error = assert_openai_error(reply.body)
     assert error["code"] == "backend_unavailable"
+    assert "x-should-retry" not in reply.headers  # nothing reached it: a retry is safe
     reply = agent.get("/v1/models", token=agent.token())
     assert reply.status == 503
 
@@ -558,6 +559,8 @@ def test_backend_dying_before_answering_is_502_after_one_retry(
     assert reply.status == 502
     assert assert_openai_error(reply.body)["code"] == "backend_disconnected"
     assert backend.resets == 2  # the first try and exactly one retry
+    # The backend had it: the openai SDK must not send it twice more.
+    assert reply.headers.get("x-should-retry") == "false"
 
 
 def test_stale_kept_alive_connection_is_retried_once_on_a_fresh_one(
@@ -696,6 +699,36 @@ def test_a_content_encoded_request_body_is_refused(
     assert assert_openai_error(reply.body)["code"] == "unsupported_content_encoding"
     assert backend.requests_to(CHAT) == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_every_content_encoding_header_counts(agent: RunningAgent, backend: FakeOpenAI) -> None:
+    """``identity`` then ``gzip`` in two headers is an encoded body (only the first was read,
+    and the second reached the backend)."""
+    body = chat_body()
+    conn = agent.connection()
+    try:
+        conn.putrequest("POST", CHAT)
+        for name, value in (
+            ("Authorization", f"Bearer {agent.token()}"),
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "identity"),
+            ("Content-Encoding", "gzip"),
+            ("Content-Length", str(len(body))),
+        ):
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        assert reply.status == 415, reply.read()
+    finally:
+        conn.close()
+    assert backend.requests_to(CHAT) == []
+    # "identity" is no encoding: served, and no Content-Encoding reaches the backend.
+    ok = agent.request(
+        "POST", CHAT, body=body, token=agent.token(), headers={"Content-Encoding": "Identity"}
+    )
+    assert ok.status == 200
+    (sent,) = backend.requests_to(CHAT)
+    assert "content-encoding" not in {name.lower() for name in sent.headers}
 
 
 def test_no_prompt_or_token_in_logs_or_metrics(

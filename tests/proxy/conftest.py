@@ -211,7 +211,8 @@ class AdminServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.app = make_app(config)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        # As cube-proxy's runner (proxy/cli.py): bodies reach the handlers as sent.
+        self.runner = web.AppRunner(self.app, access_log=None, auto_decompress=False)
         self.call(self._start())
 
     async def _start(self) -> None:

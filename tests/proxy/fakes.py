@@ -59,7 +59,7 @@ class FakeSigner:
         if caller.models is not None:
             allowed = set(caller.models)
         if models is not None:
-            allowed = set(models) if allowed is None else allowed & set(models)
+            allowed = {m for m in models if caller.may_use_model(m, ollama_names=True)}
             if not allowed:
                 raise AuthError(403, "no model allowed", code="model_forbidden")
         scope = ["inference"]

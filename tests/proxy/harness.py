@@ -25,7 +25,7 @@ from agent.config import AgentConfig
 from agent.server import free_port
 from proxy.app import create_app
 from proxy.gateway import GATEWAY, EdgeSite, Gateway, GatewaySettings
-from tests.agent.backends import FakeOpenAI, serving
+from tests.agent.backends import FakeOpenAI, OllamaStandIn, serving
 from tests.agent.conftest import ModelDir, RunningAgent, base_config, launch, write_model
 from tests.agent.tokens import TokenIssuer
 from tests.proxy.fakes import FakeDirectory
@@ -271,6 +271,34 @@ def one_domain(
     )
 
 
+@pytest.fixture
+def ollama() -> Iterator[OllamaStandIn]:
+    """The Ollama API stand-in (Ollama's server cannot run on these machines)."""
+    server = OllamaStandIn()
+    with serving(server):
+        yield server
+
+
+def ollama_domain(
+    directory: FakeDirectory,
+    agents: Agents,
+    ollama: OllamaStandIn,
+    *,
+    models: tuple[str, ...] = (),
+    alias: str = "acme",
+) -> Domain:
+    """A domain whose agent fronts the Ollama stand-in (backend kind ``ollama``, registered
+    with ``models``: none means any)."""
+    dom = one_domain(
+        directory, agents, alias, backend="ollama", backend_url=ollama.url, model_name="llama3.2"
+    )
+    spec = directory.backend_specs[directory.domains[dom.alias]][0]
+    directory.backend_specs[directory.domains[dom.alias]] = [
+        spec.__class__(**{**spec.__dict__, "kind": "ollama", "models": models})
+    ]
+    return dom
+
+
 __all__ = [
     "TEST_SETTINGS",
     "Agents",
@@ -282,6 +310,8 @@ __all__ = [
     "directory",
     "fake_openai",
     "free_port",
+    "ollama",
+    "ollama_domain",
     "one_domain",
     "proxy",
     "sim_policy",

@@ -144,6 +144,14 @@ def test_input_no_store_could_keep_is_a_400(admin_server: AdminServer) -> None:
         headers={"Content-Type": "application/json; charset=x-unknown"},
     )
     assert reply.status == 200, reply.body
+    # A compressed body is refused as such (it was "not valid JSON"), whichever header says so.
+    import gzip
+
+    squeezed = gzip.compress(b'{"email":"owner@x.com","password":"%s"}' % PASSWORD.encode())
+    for encoding in ("gzip", "br", "identity, gzip"):
+        reply = server.request("POST", login, raw=squeezed, headers={"Content-Encoding": encoding})
+        assert reply.status == 415, (encoding, reply.body)
+        assert reply.json()["error"]["code"] == "unsupported_content_encoding"
 
 
 def test_a_pat_lifetime_stays_a_representable_time(database: str) -> None:

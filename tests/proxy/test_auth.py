@@ -459,6 +459,13 @@ def test_forwarded_tokens_satisfy_the_agents_contract(tmp_path: Path) -> None:
         assert verifier.verify(scoped).models == frozenset({"m1", "m2"})
         one = signer.sign_forward(_caller(models=frozenset({"m1", "m2"})), models=("m2",))
         assert verifier.verify(one).models == frozenset({"m2"})
+        # Ollama's spellings of one model are one (the gateway checked the route's rules).
+        tagged = signer.sign_forward(
+            _caller(models=frozenset({"llama3.2"})), models=("llama3.2:latest",)
+        )
+        assert verifier.verify(tagged).models == frozenset({"llama3.2:latest"})
+        with pytest.raises(AuthError):
+            signer.sign_forward(_caller(models=frozenset({"llama3.2"})), models=("llama3.2:1b",))
         endpoints = signer.sign_forward(_caller(), models=("m9",), endpoints=("chat",))
         assert verifier.verify(endpoints).endpoints == frozenset({"chat"})
 

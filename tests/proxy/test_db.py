@@ -524,7 +524,7 @@ def test_a_row_the_database_refuses_fails_only_its_own_caller(database: str) -> 
     assert sorted(models) == ["first", "fourth", "third"]
 
 
-def test_postgresql_refusing_connections_for_now_is_an_outage(postgres: Any) -> None:
+def test_postgresql_refusing_work_for_now_is_an_outage(postgres: Any) -> None:
     """PostgreSQL refusing work for now (too many connections; shutting down or starting up
     alike) arrives as a plain DBAPIError: it is an outage (503, audit rows kept for a retry),
     not a refused statement (500, rows dropped)."""
@@ -535,7 +535,7 @@ def test_postgresql_refusing_connections_for_now_is_an_outage(postgres: Any) -> 
     url = postgres.create_database()
     name = url.rsplit("/", 1)[1]
 
-    async def body() -> tuple[BaseException, BaseException]:
+    async def body() -> tuple[BaseException, BaseException, BaseException]:
         admin = await asyncpg.connect(postgres.url(name))
         try:
             await admin.execute(
@@ -559,12 +559,25 @@ def test_postgresql_refusing_connections_for_now_is_an_outage(postgres: Any) -> 
                         await conn.execute(sa.text("INSERT INTO t VALUES (1), (1)"))
             finally:
                 await db.close()
-            return crowded.value, duplicate.value
+            # A failover that left the proxy on a standby: writes refused for now (25006).
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            db = Database.open(url)
+            try:
+                with pytest.raises(Exception) as read_only:
+                    async with db.write() as conn:
+                        await conn.execute(sa.text("INSERT INTO t VALUES (2)"))
+            finally:
+                await db.close()
+                await admin.execute(
+                    f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'
+                )
+            return crowded.value, duplicate.value, read_only.value
         finally:
             await admin.execute("DROP TABLE IF EXISTS t")
             await admin.execute("DROP ROLE IF EXISTS crowded")
             await admin.close()
 
-    crowded, duplicate = run(body())
+    crowded, duplicate, read_only = run(body())
     assert is_unavailable(crowded), repr(crowded)
+    assert is_unavailable(read_only), repr(read_only)
     assert not is_unavailable(duplicate), repr(duplicate)

@@ -331,3 +331,64 @@ def test_an_encoded_request_body_is_refused_on_both_front_ends(
     }
     assert fake_openai.received == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_every_content_encoding_header_counts(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    """``identity`` then ``gzip`` in two headers is an encoded body (only the first was read)."""
+    import http.client
+
+    dom = one_domain(directory, agents)
+    server = proxy()
+    body = json.dumps({"model": "cube-tiny", "messages": []}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", f"/{dom.alias}/v1/chat/completions")
+        for name, value in (
+            ("Authorization", f"Bearer {dom.pat}"),
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "identity"),
+            ("Content-Encoding", "gzip"),
+            ("Content-Length", str(len(body))),
+        ):
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        assert reply.status == 415, reply.read()
+    finally:
+        conn.close()
+    assert fake_openai.received == []
+    # "identity" however it is spelled is no encoding.
+    ok = server.request(
+        "POST",
+        f"/{dom.alias}/v1/chat/completions",
+        token=dom.pat,
+        body=body,
+        headers={"Content-Encoding": " Identity "},
+    )
+    assert ok.status == 200
+
+
+def test_the_openai_sdk_does_not_resend_what_reached_an_agent(
+    directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    """A server error after the request reached an agent says ``x-should-retry: false``: the
+    SDK retries 5xx twice by default, and the backend ran the prompt each time."""
+    import openai
+
+    dom = one_domain(directory, agents)
+    server = proxy(replace(TEST_SETTINGS, max_answer_bytes=1024))
+    fake_openai.tokens = ["x" * 3000]  # an answer over the proxy's limit: a 502 after the work
+    client = openai.OpenAI(base_url=f"{server.url}/{dom.alias}/v1", api_key=dom.pat)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(
+            model="cube-tiny", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert failed.value.status_code == 502
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert len(fake_openai.requests_to("/v1/chat/completions")) == 1
+    # A refusal before anything was forwarded leaves the SDK's retry policy alone.
+    refused = server.request("DELETE", f"/{dom.alias}/v1/models", token=dom.pat)
+    assert refused.status == 405 and refused.header("Allow") == "GET, POST"
+    assert refused.header("x-should-retry") is None

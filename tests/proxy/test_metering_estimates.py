@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
-
-import pytest
 
 from proxy.directory import DomainLimits
 from proxy.gateway.metering import estimated_prompt_tokens
-from tests.agent.backends import FakeOpenAI, Gate, OllamaStandIn, serving
+from tests.agent.backends import FakeOpenAI, Gate, OllamaStandIn
 from tests.proxy.fakes import FakeDirectory
 from tests.proxy.harness import (  # noqa: F401 - fixtures
     Agents,
-    Domain,
     ProxyFactory,
     agents,
     directory,
     fake_openai,
+    ollama,
+    ollama_domain,
     one_domain,
     proxy,
 )
@@ -29,29 +27,11 @@ from tests.proxy.harness import (  # noqa: F401 - fixtures
 CHAT = {"model": "cube-tiny", "messages": [{"role": "user", "content": "hi " * 200}]}
 
 
-@pytest.fixture
-def ollama() -> Iterator[OllamaStandIn]:
-    server = OllamaStandIn()
-    with serving(server):
-        yield server
-
-
-def _ollama_domain(directory: FakeDirectory, agents: Agents, ollama: OllamaStandIn) -> Domain:
-    dom = one_domain(
-        directory, agents, backend="ollama", backend_url=ollama.url, model_name="llama3.2"
-    )
-    spec = directory.backend_specs[directory.domains[dom.alias]][0]
-    directory.backend_specs[directory.domains[dom.alias]] = [
-        spec.__class__(**{**spec.__dict__, "kind": "ollama", "models": ()})
-    ]
-    return dom
-
-
 def test_legacy_ollama_embeddings_are_charged_an_estimate(
     directory: FakeDirectory, agents: Agents, proxy: ProxyFactory, ollama: OllamaStandIn
 ) -> None:
     """Its answer has no counts: the prompt is charged as estimated, so token limits hold."""
-    dom = _ollama_domain(directory, agents, ollama)
+    dom = ollama_domain(directory, agents, ollama)
     directory.set_limits(dom.alias, DomainLimits(token_tokens_per_minute=1000))
     server = proxy()
     payload = {"model": "llama3.2", "prompt": "x " * 3000}

@@ -17,7 +17,7 @@ import pytest
 from cube_client.e2e import RequestMeta, ResponseSealer, usage_record
 from proxy.gateway import edge
 from proxy.gateway.forward import stream_ended
-from proxy.gateway.metering import UsageScanner
+from proxy.gateway.metering import UsageScanner, estimated_prompt_tokens
 from tests.agent.backends import (
     OLLAMA_FINAL_STATS,
     OLLAMA_TOKENS,
@@ -154,6 +154,34 @@ def test_a_stream_cut_by_the_proxys_shutdown_is_audited_as_such(
     assert row.status == 503
     assert row.detail is not None and row.detail.startswith("cut: cube-proxy shut down")
     assert row.completion_tokens is not None and row.completion_tokens >= 1  # what was sent
+    assert row.prompt_tokens == estimated_prompt_tokens(len(json.dumps(CHAT).encode()))
+
+
+def test_a_whole_answer_cut_by_the_proxys_shutdown_is_charged_its_prompt(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(edge, "DRAIN_SECONDS", 0.5)
+    dom = one_domain(directory, agents)
+    server = proxy()
+    fake_openai.hold = Gate()  # never opened: the answer outlives the drain
+    body = json.dumps({**CHAT, "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /%s/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (dom.alias.encode(), dom.pat.encode(), len(body), body)
+        )
+        assert fake_openai.held.wait(10)
+        assert server.runner is not None
+        server.call(server.runner.cleanup())
+        server.runner = None
+    (row,) = [r for r in directory.audits if r.event == "request"]
+    assert (row.status, row.prompt_tokens) == (503, estimated_prompt_tokens(len(body)))
 
 
 def test_a_client_leaving_just_before_the_usage_is_charged_for_what_it_read(
@@ -449,3 +477,8 @@ def test_the_end_of_a_plaintext_stream_is_recognised() -> None:
     assert not stream_ended(b'{"message":{"content":"x"},"done":false}\n', sealed=False)
     text = json.dumps({"message": {"content": 'say "done":true\ndata: [DONE]'}, "done": False})
     assert not stream_ended(text.encode() + b"\n", sealed=False)
+    # A tool call's arguments are a JSON object in Ollama's answers: a nested "done" is not
+    # the end.
+    call = {"function": {"name": "f", "arguments": {"done": True}}}
+    tool = json.dumps({"message": {"tool_calls": [call]}, "done": False})
+    assert not stream_ended(tool.encode() + b"\n", sealed=False)

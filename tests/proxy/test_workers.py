@@ -143,6 +143,20 @@ def test_a_hangup_stops_the_proxy_and_its_workers_cleanly(tmp_path: Path) -> Non
         assert _wait_gone(workers)
         assert proxy.tail().count('"shutting down"') == 2, proxy.tail()
 
+    # Under nohup a hangup is ignored, as whoever started it asked.
+    ignoring = ProxyProcess(
+        f"sqlite:///{tmp_path}/p.db", tmp_path / "proxy2.log", extra={"workers": "2"}
+    )
+    ignoring.args = ["nohup", *ignoring.args]
+    with ignoring:
+        assert ignoring.proc is not None
+        os.killpg(ignoring.proc.pid, signal.SIGHUP)
+        time.sleep(2)
+        assert ignoring.proc.poll() is None, ignoring.tail()
+        assert ignoring.request("GET", "/health").status == 200
+        assert len(_children(ignoring.proc.pid)) == 2
+        assert ignoring.stop() == 0
+
 
 def test_workers_enforce_each_rate_limit_once_together(tmp_path: Path) -> None:
     proxy = ProxyProcess(
