@@ -57,8 +57,10 @@ from proxy.gateway.forward import (
     finish,
     forward,
     is_e2e,
+    is_listing,
     is_ollama_route,
     is_stream,
+    merged_listing,
     prepare,
     read_whole,
     record_error,
@@ -396,15 +398,21 @@ class _Connection(asyncio.Protocol):
                     ollama=request.ollama,
                     read_body=read_body,
                 )
-                reply = await forward(
-                    gw,
-                    ex,
-                    inc.method,
-                    prep,
-                    lambda upstream, agent, trust: self._relay(
-                        gw, ex, request, fields, upstream, agent=agent, trust=trust
-                    ),
-                )
+                if is_listing(ex, inc.method):
+                    status, headers, listing = await merged_listing(gw, ex, prep)
+                    ex.status = status
+                    headers.append((PROXY_MS_HEADER, ex.added_ms()))
+                    reply = _Reply(status, headers, listing)
+                else:
+                    reply = await forward(
+                        gw,
+                        ex,
+                        inc.method,
+                        prep,
+                        lambda upstream, agent, trust: self._relay(
+                            gw, ex, request, fields, upstream, agent=agent, trust=trust
+                        ),
+                    )
             except GatewayError as error:
                 reply = _error_reply(ex, error)
             except asyncio.CancelledError:

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 from urllib.parse import urlencode
@@ -40,6 +40,7 @@ from proxy.directory import RESERVED_ALIASES, AuditRecord, AuthError, Caller, Do
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.attest import LoadedPolicy
 from proxy.gateway.errors import GatewayError
+from proxy.gateway.listing import LISTING_ROUTES, merge
 from proxy.gateway.metering import (
     USAGE_HEADER,
     Usage,
@@ -671,6 +672,58 @@ async def forward(gw: Gateway, ex: Exchange, method: str, prep: Prepared, relay:
     raise _no_agent(gw, failures, prep.candidates)
 
 
+def is_listing(ex: Exchange, method: str) -> bool:
+    """A model listing (``/v1/models``, ``/api/tags``, ``/api/ps``): merged over the agents."""
+    return method == "GET" and ex.route in LISTING_ROUTES
+
+
+async def merged_listing(
+    gw: Gateway, ex: Exchange, prep: Prepared
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Every agent's listing, each filtered to the models routed to it, merged
+    (:mod:`proxy.gateway.listing`); an agent that fails is left out, and if all fail, the
+    request fails as any other would."""
+    ollama = ex.route.startswith("/api/")
+    answers: list[tuple[int, list[tuple[str, str]], bytes, Agent, Trust]] = []
+    failure: GatewayError | None = None
+
+    async def whole(
+        upstream: UpstreamResponse, agent: Agent, trust: Trust
+    ) -> tuple[int, list[tuple[str, str]], bytes, Agent, Trust]:
+        body = await read_whole(gw, ex, upstream, agent)
+        return upstream.status, response_headers(upstream, agent, trust), body, agent, trust
+
+    for agent in sorted(prep.candidates, key=lambda a: a.id):  # the same order every time
+        try:
+            answers.append(await forward(gw, ex, "GET", replace(prep, candidates=[agent]), whole))
+        except GatewayError as error:
+            failure = failure or error
+    listed = [a for a in answers if a[0] == 200]
+    if not listed:
+        if answers:
+            status, headers, body, agent, trust = answers[0]
+            ex.agent, ex.trust = agent, trust
+            return status, headers, body
+        assert failure is not None
+        raise failure
+    merged = merge(ex.route, [(body, _routed_to(agent, ollama)) for _, _, body, agent, _ in listed])
+    status, headers, body, agent, trust = listed[0]
+    ex.agent, ex.trust = agent, trust
+    if merged is None:
+        return status, headers, body
+    if len(listed) > 1:
+        # Several agents answered together: name them all.
+        headers = [(k, v) for k, v in headers if k not in ("X-Cube-Agent", "X-Cube-Evidence")]
+        headers.append(("X-Cube-Agent", ", ".join(a[3].id for a in listed)))
+        headers.append(("X-Cube-Evidence", ", ".join(a[4].evidence_digest for a in listed)))
+    return status, headers, merged
+
+
+def _routed_to(agent: Agent, ollama: bool) -> Callable[[str], bool]:
+    """Whether the proxy routes a model of this name to ``agent``."""
+    return lambda name: agent.serves(name, ollama=ollama)
+
+
 def finish(gw: Gateway, ex: Exchange, fields: dict[str, object]) -> asyncio.Future[None] | None:
     """Audit, usage, limits and metrics for one request (runs in ``finally``: no awaits);
     ``fields`` gets the access-log facts. With ``durable_audit``, the future that is done once
@@ -849,17 +902,24 @@ async def _serve(
     ex = Exchange(route=route_name(prefix + tail))
     inc = incoming(request)
     waiter: asyncio.Future[None] | None = None
+    response: web.StreamResponse
     try:
         prep = await prepare(gw, ex, inc, alias, tail, ollama=ollama, read_body=request.read)
-        response = await forward(
-            gw,
-            ex,
-            request.method,
-            prep,
-            lambda upstream, agent, trust: _relay(
-                request, gw, ex, upstream, agent=agent, trust=trust
-            ),
-        )
+        if is_listing(ex, request.method):
+            status, headers, body = await merged_listing(gw, ex, prep)
+            ex.status = status
+            headers.append((PROXY_MS_HEADER, ex.added_ms()))
+            response = web.Response(body=body, status=status, headers=CIMultiDict(headers))
+        else:
+            response = await forward(
+                gw,
+                ex,
+                request.method,
+                prep,
+                lambda upstream, agent, trust: _relay(
+                    request, gw, ex, upstream, agent=agent, trust=trust
+                ),
+            )
     except GatewayError as error:
         response = _error(ex, error)
     except web.HTTPRequestEntityTooLarge:
