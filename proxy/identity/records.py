@@ -114,11 +114,17 @@ class RecordWriter:
                 return
             # One waiter's rows the database refuses (a value out of range) must not take the
             # others' — other requests', other tenants' — with them: each alone.
-            for waiter in waiters:
+            for index, waiter in enumerate(waiters):
                 own = [item for item in batch if item[2] is waiter]
                 try:
                     await self._insert(own)
                 except Exception as exc_own:
+                    if is_unavailable(exc_own):
+                        # The database went away meanwhile: the rest fail at once, not one
+                        # connection timeout each.
+                        rest = {id(w) for w in waiters[index:]}
+                        self._failed([i for i in batch if id(i[2]) in rest], exc_own)
+                        return
                     self._failed(own, exc_own)
                     continue
                 self._succeeded(own)

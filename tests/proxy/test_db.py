@@ -581,3 +581,40 @@ def test_postgresql_refusing_work_for_now_is_an_outage(postgres: Any) -> None:
     assert is_unavailable(crowded), repr(crowded)
     assert is_unavailable(read_only), repr(read_only)
     assert not is_unavailable(duplicate), repr(duplicate)
+
+
+def test_an_outage_while_rows_are_retried_per_caller_fails_the_rest_at_once() -> None:
+    """A batch refused as a whole is retried caller by caller; if the database goes away
+    meanwhile, the callers left fail together rather than one connection timeout each."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from sqlalchemy import exc as sa_exc
+
+    from proxy.identity.records import RecordWriter
+
+    class FlakyDatabase:
+        def __init__(self) -> None:
+            self.writes = 0
+
+        @contextlib.asynccontextmanager
+        async def write(self) -> AsyncIterator[Any]:
+            self.writes += 1
+            if self.writes == 1:
+                raise sa_exc.IntegrityError("INSERT", None, Exception("a refused row"))
+            if self.writes > 1:
+                raise sa_exc.OperationalError("INSERT", None, Exception("connection refused"))
+            yield None
+
+    async def body() -> tuple[list[str], int]:
+        db = FlakyDatabase()
+        writer = RecordWriter(db)  # type: ignore[arg-type]
+        outcomes = await asyncio.gather(
+            *(writer.insert(schema.usage, {"model": str(n)}) for n in range(4)),
+            return_exceptions=True,
+        )
+        return [type(o).__name__ for o in outcomes], db.writes
+
+    names, writes = run(body())
+    assert names == ["OperationalError"] * 4
+    assert writes == 2  # the batch, then the first caller alone
