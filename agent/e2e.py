@@ -12,10 +12,11 @@ answers to that request is sealed under the response key the client chose:
   then a plaintext ``cube-usage`` record with the token counts, then the sealed end marker.
 
 Checks on a sealed request, in order (each refusal a JSON error; none reveals content):
-recipient key (421 ``e2e_wrong_recipient``: the client verifies again and retries), decryption
-(400), the sealed method and path equal the request's (400 ``e2e_wrong_target``), the issue
-time within ``WINDOW_SECONDS`` of the agent's clock (400 ``e2e_stale``), not seen before (409
-``e2e_replay``), and the ``Cube-E2E-Model`` header equal to the body's ``model`` (400
+recipient key (421 ``e2e_wrong_recipient``: the client verifies again and retries if that names
+another key), decryption (400), the sealed method and path equal the request's and no query
+string, which is not sealed (400 ``e2e_wrong_target``), the issue time within ``WINDOW_SECONDS``
+of the agent's clock (400 ``e2e_stale``), not seen before (409 ``e2e_replay``), and the
+``Cube-E2E-Model`` header equal to the body's model (:func:`cube_client.e2e.body_model`; 400
 ``e2e_model_mismatch``: the proxy routes and scopes by that header). A plain request is never
 taken for a sealed one: the content type alone decides, and a sealed-type body that does not
 open is refused, never forwarded.
@@ -24,7 +25,6 @@ open is refused, never forwarded.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +41,7 @@ from cube_client.e2e import (
     EnvelopeError,
     Framing,
     ResponseSealer,
+    body_model,
     is_last_event,
     key_id,
     open_request,
@@ -98,9 +99,11 @@ class ReplayCache:
     def admit(self, enc: bytes, issued_at: int) -> None:
         """Accept a request once, inside the window; :class:`EnvelopeError` otherwise."""
         now = self._clock()
-        if abs(now - issued_at) > self.window:
+        # Integer bounds, compared exactly with the float clock: nothing here converts
+        # issued_at to a float, which overflows for a huge one (RequestMeta bounds it too).
+        if not issued_at - self.window <= now <= issued_at + self.window:
             raise EnvelopeError(
-                f"the encrypted request was issued {int(now - issued_at)} s from the agent's "
+                f"the encrypted request was issued {int(now) - issued_at} s from the agent's "
                 f"clock; at most {self.window} s either way is accepted (check the clock)",
                 code="e2e_stale",
             )
@@ -174,15 +177,6 @@ def is_sealed(request: web.BaseRequest) -> bool:
     return request.content_type.lower() == CONTENT_TYPE
 
 
-def _body_model(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None  # the forwarding code refuses it with its own message
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
-
-
 def _open(state: E2EState, request: web.Request, envelope: bytes) -> tuple[ResponseSealer, bytes]:
     recipient, decrypt = state.decrypter(request_key_id(envelope))
     opened = open_request(envelope, recipient_key_id=recipient, decrypt=decrypt)
@@ -191,9 +185,16 @@ def _open(state: E2EState, request: web.Request, envelope: bytes) -> tuple[Respo
         raise EnvelopeError(
             "the encrypted request was sealed for another method or path", code="e2e_wrong_target"
         )
+    if request.rel_url.raw_query_string:
+        # Not sealed, so not the client's: whoever relayed the request could have added it, and
+        # the backend would read it.
+        raise EnvelopeError(
+            "an encrypted request must not carry a query string (it is not sealed)",
+            code="e2e_wrong_target",
+        )
     state.replay.admit(opened.enc, meta.issued_at)
     header = request.headers.get(MODEL_HEADER)
-    model = _body_model(opened.body)
+    model = body_model(opened.body, meta.path)  # an unparsable body: refused when forwarded
     if header != model and not (header is None and model is None):
         raise EnvelopeError(
             f"the {MODEL_HEADER} header does not name the model of the encrypted body",

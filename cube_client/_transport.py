@@ -20,8 +20,11 @@ under another content type. Nothing authenticates a plaintext error, so only tho
 before any inference (421, 429, 503) keep the ``openai`` SDK's retries; the retry headers of
 every answer to a sealed request are dropped (see ``_RETRY_HEADERS``). The asyncio transport
 seals and opens bodies over 256 KiB in a worker thread. An agent that answers
-421 ``e2e_wrong_recipient`` (a proxy routed the request to another agent than the one verified)
-gets one retry after a fresh verification. Errors raised here are
+421 ``e2e_wrong_recipient`` (a proxy routed the request to another agent than the one verified,
+or the agent's key rotated) makes the transport verify again, and send once more only if that
+verification names another HPKE key or agent than the request was sealed to (a forged 421 after
+the agent answered must not make it infer twice). A query string is refused with a sealed
+request (it is not sealed). Errors raised here are
 :class:`attestation.errors.AttestationError`s (the ``openai`` SDK mostly passes them through;
 where it wraps them, in ``APIConnectionError``, the error is the ``__cause__``).
 """
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import ssl
 import threading
@@ -118,15 +120,6 @@ def _mapped_errors() -> Iterator[None]:
         raise getattr(httpx2, type(exc).__name__, httpx2.TimeoutException)(str(exc)) from exc
     except (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol) as exc:
         raise getattr(httpx2, type(exc).__name__, httpx2.TransportError)(str(exc)) from exc
-
-
-def _model_of(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
 
 
 def _bearer(request: httpx2.Request) -> str | None:
@@ -251,7 +244,14 @@ class _Core:
                     check="transport.plaintext",
                 )
             return [*headers, (b"Content-Length", str(len(body)).encode())], body, None
-        model = _model_of(body)
+        if request.url.query:
+            raise PlaintextRefusedError(
+                "refusing to send a query string with an encrypted request: only the body is "
+                "sealed, and the query would travel readable and unbound to it (put the "
+                "parameters in the body)",
+                check="transport.query",
+            )
+        model = e2e.body_model(body, path)
         sealed, meta = e2e.seal_request(
             body, attested.hpke_public_key, method=request.method, path=path, model=model
         )
@@ -284,6 +284,18 @@ class _Core:
     @staticmethod
     def wrong_recipient(response_status: int, body: bytes) -> bool:
         return response_status == 421 and b"e2e_wrong_recipient" in body
+
+    @staticmethod
+    def resend_helps(sealed_to: AttestedEndpoint, verified: AttestedEndpoint) -> bool:
+        """After a 421 ``e2e_wrong_recipient`` and a fresh verification: whether sending again
+        can reach another key. Only if the verification names another HPKE key or another
+        agent than the request was sealed to; otherwise the 421 (plaintext, so anyone relaying
+        it could have forged it, after the agent answered) is returned as it is, and the
+        request is not sent a second time (another inference)."""
+        return (
+            verified.hpke_public_key != sealed_to.hpke_public_key
+            or verified.agent_id != sealed_to.agent_id
+        )
 
     @staticmethod
     def whole(response: httpcore2.Response, meta: e2e.RequestMeta, body: bytes) -> httpx2.Response:
@@ -526,8 +538,10 @@ class AttestedTransport(httpx2.BaseTransport):
             finally:
                 response.close()
             if attempt == 1 and core.wrong_recipient(response.status, raw):
-                attested = self.verify(api_key, force=True)
-                continue
+                verified = self.verify(api_key, force=True)
+                if core.resend_helps(attested, verified):
+                    attested = verified
+                    continue
             return core.whole(response, meta, raw)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -673,8 +687,10 @@ class AsyncAttestedTransport(httpx2.AsyncBaseTransport):
             finally:
                 await response.aclose()
             if attempt == 1 and core.wrong_recipient(response.status, raw):
-                attested = await self.verify(api_key, force=True)
-                continue
+                verified = await self.verify(api_key, force=True)
+                if core.resend_helps(attested, verified):
+                    attested = verified
+                    continue
             if len(raw) > _OFF_LOOP:
                 return await asyncio.to_thread(core.whole, response, meta, raw)
             return core.whole(response, meta, raw)

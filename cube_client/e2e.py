@@ -57,6 +57,7 @@ __all__ = [
     "ResponseOpener",
     "ResponseSealer",
     "StreamDecoder",
+    "body_model",
     "is_last_event",
     "key_id",
     "open_request",
@@ -104,6 +105,9 @@ _TAG_BYTES: Final = 16
 _ID_BYTES: Final = 16
 _HEADER_BYTES: Final = len(MAGIC) + 1 + _KEY_ID_BYTES  # magic, direction, key id
 _MAX_META: Final = 4096
+#: ``issued_at`` must lie in ``[0, 2**40)``: Unix seconds for the next 34 000 years, and small
+#: enough for any arithmetic (a huge integer once overflowed the agent's float clock check).
+_MAX_ISSUED_AT: Final = 2**40
 _MAX_RECORDS: Final = 2**32
 
 Framing = Literal["sse", "ndjson"]
@@ -195,6 +199,7 @@ class RequestMeta:
             len(key) != _KEY_BYTES
             or len(rid) != _ID_BYTES
             or type(issued) is not int
+            or not 0 <= issued < _MAX_ISSUED_AT
             or not isinstance(method, str)
             or not isinstance(path, str)
             or not path.startswith("/")
@@ -202,6 +207,23 @@ class RequestMeta:
         ):
             raise EnvelopeError("request metadata: bad field types", code="e2e_malformed")
         return cls(rid, issued, method, path, model, key)
+
+
+def body_model(body: bytes, path: str) -> str | None:
+    """The model a plaintext request body names: what ``Cube-E2E-Model`` carries (the client
+    sets it, the agent requires it to match). Its ``model``; on Ollama's routes (``/api/...``),
+    when that is absent or null, its ``name`` (older clients' ``/api/show``, ``/api/pull``), as
+    the proxy and the agent read plaintext bodies. None if neither is a string."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    if model is None and path.startswith("/api/"):
+        model = data.get("name")
+    return model if isinstance(model, str) else None
 
 
 def seal_request(
@@ -601,7 +623,11 @@ class StreamDecoder:
             raise EnvelopeError(
                 "a plaintext line in a sealed stream: refused", code="e2e_plaintext"
             )
-        return self._open_event(obj[SSE_EVENT].encode())
+        try:
+            payload = obj[SSE_EVENT].encode("ascii")  # base64 is ASCII; a lone surrogate is not
+        except UnicodeEncodeError:
+            raise EnvelopeError("a sealed record is not base64", code="e2e_malformed") from None
+        return self._open_event(payload)
 
     def _open_event(self, payload: bytes) -> bytes:
         try:
