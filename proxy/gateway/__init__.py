@@ -7,6 +7,9 @@ Modules, one concern each:
 - :mod:`proxy.gateway.edge`      the listening side: a lean HTTP/1.1 fast path for forwarding,
                                   aiohttp for everything else
 - :mod:`proxy.gateway.forward`   routes and the forwarding exchange
+- :mod:`proxy.gateway.listing`   model listings merged over a domain's agents
+- :mod:`proxy.gateway.upstream`  pooled pinned-TLS connections to agents
+- :mod:`proxy.gateway.sharedtrust` attestation outcomes shared by the workers
 - :mod:`proxy.gateway.attest`    the attestation gate (evidence, policy, certificate pin)
 - :mod:`proxy.gateway.agents`    agents per domain, their state, load balancing
 - :mod:`proxy.gateway.tls`       pinned TLS to agents

@@ -1,11 +1,11 @@
 """The agents the gateway knows, per domain: their trust, health and load, and the choice of
 which one serves a request.
 
-An :class:`Agent` is one backend (agent URL) of one domain; two domains naming the same URL get
-two independent agents (separate pins, separate policies). Selection prefers agents in rotation
-(verified or not yet tried, not marked down) with the fewest requests in flight, rotating among
-equals (round robin); agents out of rotation come last, so a request still reaches one when
-nothing else is left.
+An :class:`Agent` is one backend (agent URL) of one domain; a backend URL belongs to one
+domain only (migration 5; a second registration is a 409), so pins and policies never mix.
+Selection prefers agents in rotation (verified or not yet tried, not marked down) with the
+fewest requests in flight, rotating among equals (round robin); agents out of rotation come
+last, so a request still reaches one when nothing else is left.
 """
 
 from __future__ import annotations

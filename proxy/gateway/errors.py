@@ -1,4 +1,5 @@
-"""JSON errors in OpenAI's shape, and the exception handlers raise to produce them."""
+"""JSON errors in OpenAI's shape (Ollama's on ``/api/...``), and the exception handlers raise
+to produce them."""
 
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ DATABASE_UNAVAILABLE: Final = (
 )
 
 
-def database_unavailable() -> web.Response:
+def database_unavailable(*, ollama: bool = False) -> web.Response:
     message, code = DATABASE_UNAVAILABLE
-    return json_error(503, message, code=code, headers={"Retry-After": "1"})
+    return json_error(503, message, code=code, headers={"Retry-After": "1"}, ollama=ollama)
 
 
 class GatewayError(Exception):

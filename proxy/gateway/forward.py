@@ -826,7 +826,10 @@ def _with_estimate(detail: str | None, usage: Usage | None) -> str | None:
 
 
 async def _durably(
-    request: web.Request, response: web.StreamResponse, waiter: asyncio.Future[None] | None
+    request: web.Request,
+    ex: Exchange,
+    response: web.StreamResponse,
+    waiter: asyncio.Future[None] | None,
 ) -> web.StreamResponse:
     """``durable_audit``: hand the response over only once its audit row is committed."""
     if waiter is None:
@@ -838,9 +841,10 @@ async def _durably(
             if request.transport is not None:
                 request.transport.abort()
             return response
-        return GatewayError(
-            503, "the request could not be audited", code="audit_unavailable"
-        ).response()
+        # As any error: Ollama's shape on its routes, and no retry of what reached an agent.
+        return _error(
+            ex, GatewayError(503, "the request could not be audited", code="audit_unavailable")
+        )
     return response
 
 
@@ -931,7 +935,7 @@ async def _serve(
         raise
     finally:
         waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
-    return await _durably(request, response, waiter)
+    return await _durably(request, ex, response, waiter)
 
 
 async def prepare(
@@ -1091,7 +1095,7 @@ async def domain_attestation(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         waiter = finish(gw, ex, request.setdefault(LOG_FIELDS, {}))
-    return await _durably(request, response, waiter)
+    return await _durably(request, ex, response, waiter)
 
 
 async def _pass_evidence(

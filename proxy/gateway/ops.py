@@ -100,7 +100,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         if exc.status >= 400 and exc.empty_body is False and exc.content_type != "application/json":
             # aiohttp's own refusals (404, 405, 413) as JSON errors.
-            response = json_error(exc.status, exc.reason, headers=_plain_headers(exc))
+            response = json_error(
+                exc.status, exc.reason, headers=_plain_headers(exc), ollama=_ollama_route(request)
+            )
         else:
             raise
     except asyncio.CancelledError:
@@ -112,13 +114,15 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.error(  # noqa: TRY400 - the type only: an outage, not a bug to trace
                 "database unavailable: %s", type(exc).__name__
             )
-            response = database_unavailable()
+            response = database_unavailable(ollama=_ollama_route(request))
         else:
             log.exception(
                 "unhandled error",
                 extra={"fields": {"route": _route(request), "request_id": request_id}},
             )
-            response = json_error(500, "internal error", code="internal_error")
+            response = json_error(
+                500, "internal error", code="internal_error", ollama=_ollama_route(request)
+            )
     finally:
         if request.app.get(ACCESS_LOG, True):
             fields: dict[str, object] = {
@@ -135,6 +139,12 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
+
+
+def _ollama_route(request: web.Request) -> bool:
+    """``/{domain}/api/...``: Ollama's API, whose clients read errors in Ollama's shape."""
+    parts = request.path.split("/", 3)
+    return len(parts) > 2 and parts[2] == "api"
 
 
 def _plain_headers(exc: web.HTTPException) -> dict[str, str]:

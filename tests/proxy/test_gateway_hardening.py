@@ -392,3 +392,41 @@ def test_the_openai_sdk_does_not_resend_what_reached_an_agent(
     refused = server.request("DELETE", f"/{dom.alias}/v1/models", token=dom.pat)
     assert refused.status == 405 and refused.header("Allow") == "GET, POST"
     assert refused.header("x-should-retry") is None
+
+
+def test_a_durable_audit_failure_is_not_retried_on_either_front_end(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer ran on the backend, then its row could not be written: the 503 says
+    ``x-should-retry: false`` on aiohttp's front end too (HTTP/1.0 goes there)."""
+    import http.client
+
+    dom = one_domain(directory, agents)
+
+    async def broken(row: AuditRecord) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(directory, "record_audit", broken)
+    server = proxy(replace(TEST_SETTINGS, durable_audit=True))
+    body = json.dumps({"model": "cube-tiny", "messages": []}).encode()
+    for version in (11, 10):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        if version == 10:
+            conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+        try:
+            conn.request(
+                "POST",
+                f"/{dom.alias}/v1/chat/completions",
+                body=body,
+                headers={"Authorization": f"Bearer {dom.pat}", "Content-Type": "application/json"},
+            )
+            reply = conn.getresponse()
+            assert reply.status == 503, reply.read()
+            assert reply.getheader("x-should-retry") == "false", version
+            assert json.loads(reply.read())["error"]["code"] == "audit_unavailable"
+        finally:
+            conn.close()

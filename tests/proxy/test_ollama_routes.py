@@ -6,7 +6,9 @@ on OpenAI's nested object instead of its ResponseError)."""
 
 from __future__ import annotations
 
+import http.client
 import json
+from typing import Any
 
 import pytest
 
@@ -84,3 +86,39 @@ def test_errors_on_ollama_routes_are_in_ollamas_shape(
         f"/{dom.alias}/v1/chat/completions", {**CHAT, "model": "llama3.2"}, token=scoped
     )
     assert openai.status == 403 and openai.json()["error"]["code"] == "model_forbidden"
+
+
+def _over_http10(port: int, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+    """A request over HTTP/1.0: the fast path hands it to aiohttp's handlers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+    try:
+        conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {token}"})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def test_an_outage_on_ollama_routes_is_in_ollamas_shape_on_both_front_ends(
+    directory: FakeDirectory,
+    agents: Agents,
+    proxy: ProxyFactory,
+    ollama: OllamaStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dom = ollama_domain(directory, agents, ollama)
+    server = proxy()
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(directory, "authenticate", down)
+    payload = {**CHAT, "model": "llama3.2"}
+    fast = server.post(f"/{dom.alias}/api/chat", payload, token=dom.pat)
+    status, body = _over_http10(
+        server.port, f"/{dom.alias}/api/chat", json.dumps(payload).encode(), dom.pat
+    )
+    for reply_status, reply_body in ((fast.status, fast.body), (status, body)):
+        assert reply_status == 503
+        assert _error(reply_body)[1] == "database_unavailable"
