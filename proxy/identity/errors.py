@@ -6,6 +6,7 @@ Messages are shown to clients: they never contain a password, a token or a key.
 from __future__ import annotations
 
 __all__ = [
+    "BodyTooLarge",
     "Conflict",
     "Forbidden",
     "IdentityError",
@@ -33,6 +34,13 @@ class Invalid(IdentityError):
     status = 400
     code = "invalid_request"
     type = "invalid_request_error"
+
+
+class BodyTooLarge(Invalid):
+    """An admin request body over :data:`proxy.admin_api.MAX_ADMIN_BODY`."""
+
+    status = 413
+    code = "body_too_large"
 
 
 class UnsupportedEncoding(Invalid):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import unicodedata
 import urllib.parse
 from collections.abc import Mapping
@@ -351,10 +353,41 @@ def check_backend_url(value: object) -> str:
         raise Invalid("url must be the agent's base URL (https://host:port), without a path")
     if port == 0 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in parts.hostname):
         raise Invalid("url must name a valid host and port")
-    host = parts.hostname
+    host = _canonical_host(parts.hostname)
     if ":" in host:
         host = f"[{host}]"
     return f"https://{host}:{port or 443}"
+
+
+def _canonical_host(host: str) -> str:
+    """One spelling per host, so that "an agent URL belongs to one domain" cannot be dodged
+    by writing it another way: IP addresses in their canonical form (an IPv4-mapped IPv6 one
+    as IPv4; the legacy forms the resolver also takes, 0x7f000001 or 127.1, as dotted
+    decimal), names lowercased, in their ASCII (IDNA) form, without a trailing dot. (Two DNS
+    names for one address cannot be told apart from the text.)"""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if last.isdigit() or (last[:2] == "0x" and all(c in "0123456789abcdef" for c in last[2:])):
+        # Ends in a number: the resolver reads it as an IPv4 address, whatever its form.
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))  # 0x7f000001, 127.1, 2130706433
+        except OSError:
+            raise Invalid("url must name a valid host and port") from None
+    name = host.rstrip(".")
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise Invalid("url must name a valid host and port") from None
+    if not ascii_name:
+        raise Invalid("url must name a valid host and port")
+    return ascii_name
 
 
 def check_limit(value: object, what: str) -> int | None:

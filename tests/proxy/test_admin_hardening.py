@@ -7,6 +7,7 @@ each other instead of failing."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from typing import Any
 
 import pytest
@@ -193,6 +194,68 @@ def test_backend_urls_name_a_real_port(admin_server: AdminServer) -> None:
             token=admin,
         )
         assert reply.status == 400, (url, reply.body)
+
+
+def test_one_agent_url_in_another_spelling_is_still_one_domains(
+    admin_server: AdminServer,
+) -> None:
+    """Another tenant writing the same agent's address another way (hex, IPv4-mapped IPv6,
+    a short form, upper case, a trailing dot) gets the 409 the first spelling gets."""
+    server = admin_server
+    admin = server.token()
+    owner = _user(server, admin, "owner@x.com")
+    _domain(server, admin, "acme", owner)
+    _domain(server, admin, "bank", owner)
+
+    def add(domain: str, url: str) -> Any:
+        return server.request(
+            "POST",
+            f"/admin/domains/{domain}/backends",
+            {"url": url, "kind": "vllm", "models": ["m"]},
+            token=admin,
+        )
+
+    for first, others in (
+        (
+            "https://127.0.0.1:8443",
+            ("https://0x7f000001:8443", "https://[::ffff:127.0.0.1]:8443", "https://127.1:8443"),
+        ),
+        ("https://agent.example:8443", ("https://AGENT.example.:8443",)),
+    ):
+        taken = add("acme", first)
+        assert taken.status == 201, taken.body
+        for other in others:
+            reply = add("bank", other)
+            assert reply.status == 409, (other, reply.status, reply.body)
+    # A name ending in a number that is no IPv4 address is refused, not looked up.
+    assert add("bank", "https://1.2.3.999:8443").status == 400
+
+
+def test_an_admin_body_over_a_mib_is_refused_unread(admin_server: AdminServer) -> None:
+    """The admin API's bodies are small: one over 1 MiB is a 413 before it is parsed (the
+    inference limit, 64 MiB, applied, and the parse held the event loop), declared or chunked."""
+    import http.client
+
+    server = admin_server
+    big = b'{"email": "a@x.com", "password": "' + b"p" * (2 * 1024 * 1024) + b'"}'
+    declared = server.request("POST", "/auth/login", raw=big)
+    assert declared.status == 413, declared.body[:200]
+    assert declared.json()["error"]["code"] == "body_too_large"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/auth/login")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for start in range(0, len(big), 65536):
+            piece = big[start : start + 65536]
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+        chunked = conn.getresponse()
+        assert chunked.status == 413
+        assert json.loads(chunked.read())["error"]["code"] == "body_too_large"
+    finally:
+        conn.close()
 
 
 def test_a_pat_sees_only_its_own_domains_tokens(admin_server: AdminServer) -> None:
