@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import ssl
 import time
 from collections import OrderedDict
@@ -60,6 +61,7 @@ __all__ = [
     "ALGORITHMS",
     "JWKS_FETCHER",
     "LEEWAY_SECONDS",
+    "MAX_JWKS_KEYS",
     "PUBLIC_PATHS",
     "REQUIRED_SCOPE",
     "VERIFIER",
@@ -86,6 +88,8 @@ REQUIRED_SCOPE = "inference"
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/attestation"})
 _MAX_TOKEN = 16 * 1024
 _MAX_JWKS = 1024 * 1024
+#: More keys than any issuer rotates through; parsing thousands of EC keys takes a while.
+MAX_JWKS_KEYS = 100
 _MIN_RSA_BITS = 2048
 _REALM = "cube-agent"
 
@@ -136,6 +140,8 @@ def parse_jwks(data: bytes) -> dict[str, VerificationKey]:
         raise JwksError(f"JWKS is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError('JWKS must be an object with a "keys" list')
+    if len(doc["keys"]) > MAX_JWKS_KEYS:
+        raise JwksError(f"JWKS holds more than {MAX_JWKS_KEYS} keys")
     out: dict[str, VerificationKey] = {}
     for index, jwk in enumerate(doc["keys"]):
         if not isinstance(jwk, dict):
@@ -152,12 +158,14 @@ def parse_jwks(data: bytes) -> dict[str, VerificationKey]:
         algorithms = _key_algorithms(jwk)
         alg = jwk.get("alg")
         if alg is not None:
-            if alg not in algorithms:
+            # (a list or an object is not hashable: checked first, it is a JwksError, not a
+            # TypeError that would escape every caller)
+            if not isinstance(alg, str) or alg not in algorithms:
                 raise JwksError(f"JWKS key {kid!r}: algorithm {alg!r} does not fit its key type")
-            algorithms = frozenset({str(alg)})
+            algorithms = frozenset({alg})
         try:
             key = jwt.PyJWK(jwk, algorithm=sorted(algorithms)[0]).key
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, ArithmeticError, LookupError) as exc:
             raise JwksError(f"JWKS key {kid!r} is not a valid key: {exc}") from exc
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
             raise JwksError(f"JWKS key {kid!r}: RSA keys need at least {_MIN_RSA_BITS} bits")
@@ -267,9 +275,15 @@ class TokenVerifier:
             self._verified.move_to_end(digest)
             return cached.principal
         principal, claims = self._verify_uncached(token)
-        expires = float(claims["exp"]) + self.leeway
-        nbf = claims.get("nbf", claims.get("iat"))
-        not_before = float(nbf) - self.leeway if isinstance(nbf, int | float) else now
+        try:
+            # PyJWT accepts an integer of any size: float() of 10**400 overflows.
+            expires = float(claims["exp"]) + self.leeway
+            nbf = claims.get("nbf", claims.get("iat"))
+            not_before = float(nbf) - self.leeway if isinstance(nbf, int | float) else now
+        except (OverflowError, ValueError, TypeError):
+            raise AuthError("invalid_token", "the token's time claims are out of range") from None
+        if not math.isfinite(expires) or not math.isfinite(not_before):
+            raise AuthError("invalid_token", "the token's time claims are out of range")
         self._verified[digest] = _VerifiedToken(principal, not_before, expires)
         if len(self._verified) > _VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
@@ -409,7 +423,8 @@ class JwksFetcher:
                 data = await read_at_most(response, _MAX_JWKS)
             except BodyTooLarge:
                 raise JwksError(f"JWKS is larger than {_MAX_JWKS} bytes") from None
-        keys = parse_jwks(data)
+        # A worker thread: a large key set takes long enough to parse to stall the event loop.
+        keys = await asyncio.to_thread(parse_jwks, data)
         self.keys.replace(keys)
         self.fetches += 1
         log.info("JWKS refreshed", extra={"fields": {"url": self.url, "keys": sorted(keys)}})
@@ -421,6 +436,15 @@ class JwksFetcher:
             log.warning(
                 "JWKS fetch failed",
                 extra={"fields": {"url": self.url, "error": str(exc) or type(exc).__name__}},
+            )
+            return False
+        except Exception as exc:
+            # Whatever goes wrong, the previous keys stay and the refresher keeps running (a
+            # dead refresher would refuse every token signed after the issuer's next rotation).
+            # The type only: a message could quote the document.
+            log.warning(
+                "JWKS fetch failed",
+                extra={"fields": {"url": self.url, "error": type(exc).__name__}},
             )
             return False
         return True

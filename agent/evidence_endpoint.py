@@ -5,18 +5,24 @@ for every request (fresh ``issued_at``) and bound into the TEE report and vTPM q
 :class:`attestation.evidence.EvidenceCollector`. Collection is serialised (configfs-tsm and a
 TPM session take one report at a time): requests wait on an asyncio lock, so waiting costs no
 worker thread; busy devices are retried inside :class:`attestation.guest.ConfigfsTsm` and, if
-still busy, answered 503 with ``Retry-After``. A token bucket
-(``evidence_rate_per_second``/``evidence_burst``) answers 429 with ``Retry-After`` beyond its
-rate. No authentication: clients verify what they receive.
+still busy, answered 503 with ``Retry-After``. Rate limits (:class:`PeerRateLimit`): each
+peer address (an IPv6 address by its /64) has its own token bucket
+(``evidence_rate_per_second``/``evidence_burst``), so one caller looping on the route cannot
+starve the verifiers; all peers together have a bucket :data:`GLOBAL_RATE_FACTOR` times larger,
+so many addresses cannot keep the device busy without end. Beyond either: 429 with
+``Retry-After``. No authentication: clients verify what they receive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -32,7 +38,9 @@ from attestation.evidence import NONCE_MAX_BYTES, EvidenceCollector, parse_nonce
 
 __all__ = [
     "EVIDENCE",
+    "GLOBAL_RATE_FACTOR",
     "EvidenceService",
+    "PeerRateLimit",
     "TokenBucket",
     "setup",
 ]
@@ -44,6 +52,10 @@ _BUSY_RETRY_AFTER = 1
 READY_WINDOW_SECONDS = 60.0
 #: At most one trial collection for /ready per this many seconds.
 TRIAL_INTERVAL_SECONDS = 5.0
+#: The bucket all peers share is this many times the per-peer rate and burst.
+GLOBAL_RATE_FACTOR = 4
+#: Per-peer buckets kept (least recently used forgotten: such a peer starts with a full one).
+MAX_PEERS = 4096
 
 
 class TokenBucket:
@@ -69,6 +81,10 @@ class TokenBucket:
             self._tokens -= 1.0
             return 0.0
         return (1.0 - self._tokens) / self.rate
+
+    def refund(self) -> None:
+        """Give back a token just taken (another limit refused the request)."""
+        self._tokens = min(self.burst, self._tokens + 1.0)
 
 
 class EvidenceService:
@@ -98,6 +114,7 @@ class EvidenceService:
         self.last_success: float | None = None
         self.last_error: str | None = None
         self._last_trial: float | None = None
+        self._trial: asyncio.Task[tuple[bool, str]] | None = None
 
     @property
     def platform(self) -> str:
@@ -140,11 +157,22 @@ class EvidenceService:
         """For /ready: a recent success, or a trial collection with a random nonce."""
         if self.recently_ok(window):
             return True, f"{self.platform} evidence collected recently"
+        trial = self._trial
+        if trial is not None and not trial.done():
+            # A trial is running (another poll started it): its outcome is this poll's too.
+            # (shielded: one poll giving up does not cancel the others' trial)
+            return await asyncio.shield(trial)
         now = self._clock()
         if self._last_trial is not None and now - self._last_trial < TRIAL_INTERVAL_SECONDS:
             # /ready is unauthenticated: a failing device is not asked again at every poll.
             return False, self.last_error or "evidence collection failed"
         self._last_trial = now
+        self._trial = trial = asyncio.get_running_loop().create_task(
+            self._try_collect(), name="ready-evidence-trial"
+        )
+        return await asyncio.shield(trial)
+
+    async def _try_collect(self) -> tuple[bool, str]:
         try:
             await self.collect(secrets.token_bytes(32))
         except DeviceBusyError:
@@ -157,8 +185,67 @@ class EvidenceService:
         return True, f"{self.platform} evidence collected"
 
 
+def peer_key(remote: str | None) -> str:
+    """The rate-limit key of a peer address: an IPv6 address counts by its /64 (one host
+    usually holds a whole /64), anything else as given."""
+    if not remote:
+        return ""
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(remote)
+        if isinstance(address, ipaddress.IPv6Address):
+            mapped = address.ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(address)
+    return remote
+
+
+class PeerRateLimit:
+    """A token bucket per peer address (at most ``max_peers`` remembered, least recently used
+    forgotten) under one shared bucket ``factor`` times larger."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        factor: int = GLOBAL_RATE_FACTOR,
+        max_peers: int = MAX_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_peers = max_peers
+        self._clock = clock
+        self.shared = TokenBucket(rate * factor, burst * factor, clock=clock)
+        self._peers: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, remote: str | None) -> float:
+        """0.0 when ``remote`` may collect now; otherwise the seconds to wait."""
+        key = peer_key(remote)
+        bucket = self._peers.get(key)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, clock=self._clock)
+            self._peers[key] = bucket
+            if len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+        else:
+            self._peers.move_to_end(key)
+        wait = bucket.take()
+        if wait > 0:
+            return wait  # (a peer over its own rate takes nothing from the others')
+        wait = self.shared.take()
+        if wait > 0:
+            bucket.refund()
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
 EVIDENCE = web.AppKey("evidence", EvidenceService)
-RATE_LIMIT = web.AppKey("evidence_rate_limit", TokenBucket)
+RATE_LIMIT = web.AppKey("evidence_rate_limit", PeerRateLimit)
 
 
 def _bad_nonce(metrics: AgentMetrics, message: str) -> web.Response:
@@ -179,7 +266,7 @@ async def attestation(request: web.Request) -> web.Response:
         nonce = parse_nonce(value)
     except MalformedError as exc:
         return _bad_nonce(metrics, str(exc))
-    wait = request.app[RATE_LIMIT].take()
+    wait = request.app[RATE_LIMIT].take(request.remote)
     if wait > 0:
         metrics.evidence.labels(outcome="rate_limited").inc()
         return json_error(
@@ -218,7 +305,7 @@ async def attestation(request: web.Request) -> web.Response:
 def setup(app: web.Application, service: EvidenceService) -> None:
     """Serve ``GET /attestation`` from ``service``."""
     app[EVIDENCE] = service
-    app[RATE_LIMIT] = TokenBucket(
+    app[RATE_LIMIT] = PeerRateLimit(
         service.config.evidence_rate_per_second, service.config.evidence_burst
     )
     app.router.add_get("/attestation", attestation, name="attestation")

@@ -22,6 +22,11 @@ What the relay guarantees:
 - **The client's disconnect cancels the upstream request**: the backend sees its connection
   closed, so it stops generating. This works whether or not the server cancels handlers on
   disconnect (aiohttp's ``handler_cancellation``): a cheap timer notices the closed transport.
+- **Shutting down ends what is in flight cleanly** (an ``on_shutdown`` hook): new requests get
+  a 503 ``agent_shutting_down``; those in flight get ``SHUTDOWN_GRACE_SECONDS`` (10 s) to
+  finish, then each forwarder's upstream request is cancelled (the backend stops generating);
+  a stream ends with its error record (code ``agent_shutting_down``) after the token counts so
+  far (``: cube-usage``), a request not yet answered gets a 503 with that code.
 - **Errors are JSON** in OpenAI's shape with the right status: a backend that is down gives
   503 within ``backend_connect_timeout``; a backend's own HTTP error keeps its status with its
   message extracted (never its HTML page); nothing here raises to the client.
@@ -391,6 +396,7 @@ class Exchange:
         "response",
         "started",
         "status",
+        "stopping",
     )
 
     def __init__(self, request: web.Request, endpoint: str) -> None:
@@ -403,6 +409,8 @@ class Exchange:
         self.response: web.StreamResponse | None = None
         self.status: int | None = None
         self.counts: tuple[object, object] | None = None  # the backend's token counts
+        #: The shutdown hook cancelled this exchange's task (and nothing has absorbed it yet).
+        self.stopping = False
 
     def first_byte(self) -> None:
         if not self._first:
@@ -462,6 +470,61 @@ class _DisconnectWatch:
             self._handle = None
 
 
+class _InFlight:
+    """The exchanges running now, by task: the shutdown hook ends them."""
+
+    __slots__ = ("stopping", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: dict[asyncio.Task[Any], Exchange] = {}
+        self.stopping = False
+
+
+_IN_FLIGHT: Final = web.AppKey("forward_in_flight", _InFlight)
+
+
+#: At shutdown, how long requests in flight get to finish before they are ended.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+async def _stop_in_flight(app: web.Application) -> None:
+    """``on_shutdown``: new requests get a 503; those in flight get
+    :data:`SHUTDOWN_GRACE_SECONDS` to finish, then are cancelled (each ends itself promptly;
+    see :func:`run_exchange` and :func:`_relay_stream`). Without this aiohttp waited its whole
+    shutdown timeout for them, then cut streams without an error record."""
+    in_flight = app.get(_IN_FLIGHT)
+    if in_flight is None:
+        return
+    in_flight.stopping = True
+    running = [task for task in in_flight.tasks if not task.done()]
+    if running:
+        await asyncio.wait(running, timeout=SHUTDOWN_GRACE_SECONDS)
+    for task, exchange in list(in_flight.tasks.items()):
+        if not task.done() and not exchange.stopping:
+            exchange.stopping = True
+            task.cancel()
+    if in_flight.tasks:
+        log.info(
+            "agent shutting down; requests in flight ended",
+            extra={"fields": {"requests": len(in_flight.tasks)}},
+        )
+
+
+def _absorb_stop(exchange: Exchange) -> bool:
+    """In an ``except CancelledError``: True (the cancellation undone) when the only pending
+    cancellation is the shutdown hook's; the caller then ends the exchange itself."""
+    task = asyncio.current_task()
+    if exchange.stopping and task is not None and task.cancelling() == 1:
+        task.uncancel()
+        exchange.stopping = False
+        return True
+    return False
+
+
+def _shutting_down() -> BackendError:
+    return BackendError(503, "the agent is shutting down", "agent_shutting_down", "server_error")
+
+
 Handler = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 #: Extracts ``(prompt_tokens, completion_tokens)`` from a body or a run of streamed records.
 UsageParser = Callable[[bytes], tuple[object, object] | None]
@@ -470,21 +533,44 @@ UsageParser = Callable[[bytes], tuple[object, object] | None]
 async def run_exchange(request: web.Request, endpoint: str, handler: Handler) -> web.StreamResponse:
     """Run one forwarding handler with metrics, disconnect handling and no escaping errors."""
     exchange = Exchange(request, endpoint)
+    in_flight = request.app.get(_IN_FLIGHT)
+    task = asyncio.current_task()
+    assert task is not None
+    if in_flight is not None:
+        if in_flight.stopping:
+            exchange.finish(503)
+            # Nothing reached the backend: a retry (another replica, or after the restart) is
+            # safe, so no x-should-retry: false here.
+            return error_response(
+                503,
+                "the agent is shutting down",
+                "server_error",
+                "agent_shutting_down",
+                headers={"Retry-After": "1"},
+            )
+        in_flight.tasks[task] = exchange
     watch = _DisconnectWatch(request)
     try:
         response = await handler(request, exchange)
     except asyncio.CancelledError:
         watch.stop()
-        exchange.finish(_STATUS_CLIENT_CLOSED)
-        task = asyncio.current_task()
-        if watch.fired and task is not None and task.uncancel() == 0:
+        if watch.fired and not exchange.stopping and task.uncancel() == 0:
             # Our own cancellation: the client is gone; nothing more can reach it.
+            exchange.finish(_STATUS_CLIENT_CLOSED)
             log.info(
                 "client disconnected; upstream request cancelled",
                 extra={"fields": {"endpoint": endpoint, "status": _STATUS_CLIENT_CLOSED}},
             )
             return exchange.response or web.Response(status=_STATUS_CLIENT_CLOSED)
-        raise
+        if exchange.stopping and not watch.fired and _absorb_stop(exchange):
+            # The agent is shutting down (the upstream request was closed on the way out).
+            if exchange.response is not None:  # (a stream cancelled outside its relay loop)
+                exchange.finish(503)
+                return exchange.response
+            response = _shutting_down().response()
+        else:
+            exchange.finish(_STATUS_CLIENT_CLOSED)
+            raise
     except BackendError as exc:
         response = exc.response()
     except Exception:
@@ -493,6 +579,8 @@ async def run_exchange(request: web.Request, endpoint: str, handler: Handler) ->
         response = error_response(500, "internal error while forwarding", "server_error")
     finally:
         watch.stop()
+        if in_flight is not None:
+            in_flight.tasks.pop(task, None)
     response = await e2e.seal_response(
         request, response, exchange.counts
     )  # a sealed request's answer
@@ -733,10 +821,12 @@ class _Framer:
         return bool(self._pending)
 
 
-def _stream_error_record(framing: Framing) -> bytes:
-    message, code = "the backend failed mid-stream", "backend_stream_error"
+def _stream_error_record(framing: Framing, *, shutting_down: bool = False) -> bytes:
+    message, code, type_ = "the backend failed mid-stream", "backend_stream_error", "backend_error"
+    if shutting_down:
+        message, code, type_ = "the agent is shutting down", "agent_shutting_down", "server_error"
     if framing == "sse":
-        error = {"error": {"message": message, "type": "backend_error", "code": code}}
+        error = {"error": {"message": message, "type": type_, "code": code}}
         return b"event: error\ndata: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
     # NDJSON is Ollama's framing, and Ollama's error line is {"error": "<text>"}.
     return json.dumps({"error": message, "code": code}, separators=(",", ":")).encode() + b"\n"
@@ -759,8 +849,50 @@ async def _relay_stream(
     await response.prepare(request)
     framer = _Framer(framing)
     sealing = e2e.stream_sealing(request, framing)  # a sealed request: each record sealed
+    try:
+        return await _pump(
+            response, upstream.content, exchange, framing, framer, sealing, usage, strip_usage
+        )
+    except asyncio.CancelledError:
+        if not _absorb_stop(exchange):
+            raise
+    # The agent is shutting down: end the stream well-formed, with the token counts so far
+    # (the upstream request is closed by relay() on the way out: the backend stops).
+    last_usage = exchange.counts
+    exchange.status = 503
+    log.info(
+        "agent shutting down; stream ended",
+        extra={"fields": {"endpoint": exchange.endpoint, "status": 503}},
+    )
+    record = _stream_error_record(framing, shutting_down=True)
+    if sealing is not None:
+        ended = sealing.ended
+        record = b"" if ended else sealing.seal(record) + sealing.finish(last_usage)
+    elif framing == "sse":
+        record = _usage_comment(last_usage) + record
+    try:
+        if record:
+            await response.write(record)
+        await response.write_eof()
+    except ConnectionError:
+        exchange.status = _STATUS_CLIENT_CLOSED
+    if last_usage is not None:
+        exchange.tokens(*last_usage)
+    return response
+
+
+async def _pump(  # noqa: PLR0917
+    response: web.StreamResponse,
+    content: aiohttp.StreamReader,
+    exchange: Exchange,
+    framing: Framing,
+    framer: _Framer,
+    sealing: e2e.StreamSealing | None,
+    usage: UsageParser,
+    strip_usage: bool,
+) -> web.StreamResponse:
+    """Relay records from the backend until its stream ends (or fails, or the client goes)."""
     last_usage: tuple[object, object] | None = None
-    content = upstream.content
     while True:
         try:
             chunk = await content.readany()
@@ -790,6 +922,7 @@ async def _relay_stream(
             found = usage(out)
             if found is not None:
                 last_usage = found
+                exchange.counts = found  # (so far: a shutdown reports it)
             if framing == "sse" and (
                 (strip_usage and b'"usage"' in out) or (sealing is None and b"[DONE]" in out)
             ):
@@ -867,16 +1000,22 @@ def _usage_records(out: bytes, last_usage: tuple[object, object] | None, *, stri
         if strip and _NO_CHOICES.search(record) and _is_usage_chunk(record):
             continue
         if last_usage is not None and SSE_DONE.search(record):
-            prompt, completion = last_usage
-            counts = {
-                k: v
-                for k, v in (("prompt_tokens", prompt), ("completion_tokens", completion))
-                if type(v) is int and v >= 0
-            }
-            if counts:
-                kept.append(b": cube-usage " + json.dumps(counts).encode() + b"\n\n")
+            kept.append(_usage_comment(last_usage))
         kept.append(record)
     return b"".join(kept)
+
+
+def _usage_comment(last_usage: tuple[object, object] | None) -> bytes:
+    """The token counts as an SSE comment, ``: cube-usage {...}`` (empty without counts)."""
+    if last_usage is None:
+        return b""
+    prompt, completion = last_usage
+    counts = {
+        k: v
+        for k, v in (("prompt_tokens", prompt), ("completion_tokens", completion))
+        if type(v) is int and v >= 0
+    }
+    return b": cube-usage " + json.dumps(counts).encode() + b"\n\n" if counts else b""
 
 
 def _is_usage_chunk(record: bytes) -> bool:
@@ -1066,6 +1205,8 @@ def setup(app: web.Application) -> None:
     """Add the OpenAI-compatible routes (and Ollama's, for an Ollama backend) and the client."""
     config = app[CONFIG]
     app.cleanup_ctx.append(_backend_client)
+    app[_IN_FLIGHT] = _InFlight()
+    app.on_shutdown.append(_stop_in_flight)
     router = app.router
     router.add_get("/v1/models", list_models, allow_head=False)
     router.add_post("/v1/chat/completions", _inference("chat", "/v1/chat/completions"))

@@ -78,7 +78,13 @@ REQUEST_HEAD_SECONDS = 30.0
 #: Longer than the proxy keeps an idle connection (30 s), so it never races a reuse.
 IDLE_SECONDS = 60.0
 _SWEEP_SECONDS = 5.0
-MAX_HEADER_BYTES = 32 * 1024
+#: The longest header (name or value) a request may carry: room for the longest bearer token
+#: auth accepts (16 KiB, refused above that with a JSON error) and its "Bearer " prefix.
+MAX_HEADER_BYTES = 17 * 1024
+#: At most this many headers (aiohttp allows 128). Together with MAX_HEADER_BYTES this bounds
+#: what an unauthenticated peer's unfinished request head can hold in memory (about 0.5 MiB;
+#: 128 headers of 32 KiB each held some 8.5 MiB per connection).
+MAX_HEADERS = 32
 
 
 class StartupError(Exception):
@@ -360,8 +366,10 @@ class AgentServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
-            # Room for large bearer tokens: auth refuses those over 16 KiB with a JSON error.
+            # Room for large bearer tokens (auth refuses those over 16 KiB with a JSON error),
+            # but few headers: a head is held in memory until it is whole.
             max_field_size=MAX_HEADER_BYTES,
+            max_headers=MAX_HEADERS,
             # Bodies stay as sent: forward.read_body refuses an encoded one (415, JSON) whatever
             # the encoding; aiohttp's decoder answered those it lacks (br, zstd) itself.
             auto_decompress=False,
