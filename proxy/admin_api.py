@@ -60,6 +60,8 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from attestation.errors import AttestationError
+from attestation.policy import load_policy
 from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, BackendSpec
 from proxy.gateway.errors import DATABASE_UNAVAILABLE
@@ -219,10 +221,17 @@ async def _read_bounded(request: web.Request) -> bytes:
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
+    return _parse_body(await _raw_body(request))
+
+
+async def _raw_body(request: web.Request) -> bytes:
     encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
     if any(value.strip().lower() not in ("identity", "") for value in encodings):
         raise UnsupportedEncoding("request bodies must not be content-encoded")
-    raw = await _read_bounded(request)
+    return await _read_bounded(request)
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
     # UTF-8 whatever the Content-Type says (RFC 8259): an unknown charset is no reason to fail.
     try:
         value = json.loads(raw.decode("utf-8"))
@@ -688,8 +697,14 @@ async def put_policy(request: web.Request) -> web.Response:
     principal = await _principal(request)
     access = await _access(request, principal)
     access.require("manage_domain")
-    body = await _body(request)
-    document = await _identity(request).set_policy(access.domain.id, body)
+    raw = await _raw_body(request)
+    try:
+        # The gateway's own loader, on the bytes as sent: what it would refuse (duplicate
+        # keys, which a plain parse merges; a document over its size limit) is refused here.
+        load_policy(raw)
+    except AttestationError as exc:
+        raise Invalid(f"invalid policy: {exc}", code="invalid_policy") from exc
+    document = await _identity(request).set_policy(access.domain.id, _parse_body(raw))
     await _audit_admin(request, principal, access.domain.id, 200, "policy set")
     return web.json_response(document)
 

@@ -387,6 +387,12 @@ def users_get(client: _Client, user_id: str) -> None:
 # Granting platform-admin powers and skipping a confirmation are said on the command line only.
 @click.option("--admin/--no-admin", "is_admin", default=None, allow_from_autoenv=False)
 @click.option("--password-stdin", is_flag=True, help="Set a new password (read from stdin).")
+@click.option(
+    "--current-password-stdin",
+    is_flag=True,
+    help="Changing your own password: read the current one from stdin first (its first line; "
+    "the new one is the second).",
+)
 @pass_client
 def users_update(
     client: _Client,
@@ -396,6 +402,7 @@ def users_update(
     email: str | None,
     is_admin: bool | None,
     password_stdin: bool,
+    current_password_stdin: bool,
 ) -> None:
     body: dict[str, Any] = {}
     if name is not None:
@@ -404,6 +411,10 @@ def users_update(
         body["email"] = email
     if is_admin is not None:
         body["is_admin"] = is_admin
+    if current_password_stdin:
+        if not password_stdin:
+            _fail("--current-password-stdin goes with --password-stdin")
+        body["current_password"] = _read_password(True)
     if password_stdin:
         body["password"] = _read_password(True)
     if not body:

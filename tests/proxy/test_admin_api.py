@@ -245,6 +245,11 @@ def test_domain_lifecycle_over_http(admin_server: AdminServer) -> None:
     assert s.request("GET", "/admin/domains/acme/policy", token=owner).status == 404
     bad = s.request("PUT", "/admin/domains/acme/policy", {"format": "nope"}, token=owner)
     assert bad.status == 400 and _error(bad)["code"] == "invalid_policy"
+    # Judged by the gateway's own loader on the bytes sent: a duplicate key (which a plain
+    # parse merges, last one wins) is refused.
+    duplicated = b'{"format": "cube-policy/1", "allow_simulated": false, "allow_simulated": true}'
+    twice = s.request("PUT", "/admin/domains/acme/policy", raw=duplicated, token=owner)
+    assert twice.status == 400 and _error(twice)["code"] == "invalid_policy"
     assert s.request("PUT", "/admin/domains/acme/policy", POLICY, token=owner).json() == POLICY
     assert s.request("GET", "/admin/domains/acme/policy", token=member).json() == POLICY
     limits = s.request(

@@ -230,6 +230,31 @@ def test_a_redirect_never_carries_the_token_and_odd_answers_are_messages(
         server.shutdown()
 
 
+def test_one_changes_ones_own_password_with_the_current_one(admin_server: AdminServer) -> None:
+    """Changing one's own password needs the current one (the API asks for it): it comes
+    from stdin too, its first line."""
+    admin = Cli(admin_server)
+    admin.token = admin_server.token()
+    user = admin.json(
+        "users", "create", "ops@example.com", "--password-stdin", stdin="ops-password-1234\n"
+    )
+    own = Cli(admin_server)
+    own.token = admin_server.login("ops@example.com", "ops-password-1234")["access_token"]
+    refused = own(
+        "users", "update", user["id"], "--password-stdin", stdin="new-password-5678\n", ok=False
+    )
+    assert refused.exit_code == 1 and "current_password" in refused.output + refused.stderr
+    own.json(
+        "users",
+        "update",
+        user["id"],
+        "--current-password-stdin",
+        "--password-stdin",
+        stdin="ops-password-1234\nnew-password-5678\n",
+    )
+    assert admin_server.login("ops@example.com", "new-password-5678")["access_token"]
+
+
 def test_passwords_are_never_command_line_arguments() -> None:
     for command in (["login"], ["users", "create"], ["users", "update"]):
         help_text = CliRunner().invoke(admin, [*command, "--help"]).output
