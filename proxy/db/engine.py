@@ -25,6 +25,7 @@ serial anyway).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -39,6 +40,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 __all__ = [
     "Database",
@@ -55,6 +57,11 @@ log = logging.getLogger("cube.proxy.db")
 Dialect = Literal["sqlite", "postgresql"]
 _IMMEDIATE = "cube_begin_immediate"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL: the most a new connection (TCP, TLS, authentication) and one statement may take.
+CONNECT_TIMEOUT_SECONDS = 5.0
+COMMAND_TIMEOUT_SECONDS = 15.0
+#: How long a pooled connection may take to answer the check made before each use.
+PING_TIMEOUT_SECONDS = 5.0
 _WAL_ATTEMPTS = 10
 
 
@@ -110,7 +117,8 @@ def _private_file(path: Path) -> None:
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached now (a connection refused, lost or
-    timed out), as opposed to a statement it refused: the caller answers 503, not 500."""
+    timed out, a statement not answered in time) or the transaction must be tried again (a
+    deadlock), as opposed to a statement it refused: the caller answers 503, not 500."""
     if isinstance(
         exc,
         (
@@ -134,9 +142,12 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 #: Class 08 (connection exceptions), 53 (insufficient resources: disk full, out of memory,
-#: too many connections), 57P (shutting down, starting up), and 25006: a read-only
-#: transaction — a failover that left the proxy on a standby until the primary is back.
-_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P", "25006")
+#: too many connections), 57P (shutting down, starting up), 25006: a read-only transaction —
+#: a failover that left the proxy on a standby until the primary is back —, and 40001 and
+#: 40P01: a transaction the server rolled back to break a deadlock or a serialization
+#: conflict with another one (concurrent requests, maybe on other replicas), which succeeds
+#: when tried again: the caller answers 503 with Retry-After, as for an outage.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P", "25006", "40001", "40P01")
 
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
@@ -188,6 +199,31 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+_FRESH = "cube_fresh"
+
+
+def _fresh_connection(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_FRESH] = True
+
+
+def _ping_on_checkout(
+    dbapi_connection: Any, record: Any, _proxy: Any, *, timeout: float = PING_TIMEOUT_SECONDS
+) -> None:
+    """Check a pooled PostgreSQL connection before handing it out (one just opened needs no
+    check): a connection the server closed (a restart) or one that stopped answering (no
+    answer within ``timeout``) makes the pool drop every connection it holds and
+    open a new one, so the request goes on over a fresh connection, or fails as an outage
+    if none can be opened."""
+    if record.info.pop(_FRESH, False):
+        return
+    driver = dbapi_connection.driver_connection
+    try:
+        await_only(driver.fetchval("SELECT 1", timeout=timeout))
+    except Exception as exc:
+        log.warning("database connection lost (%s); reconnecting", type(exc).__name__)
+        raise sa_exc.InvalidatePoolError(type(exc).__name__) from None
+
+
 def _quiet_driver_loggers() -> None:
     """aiosqlite logs every statement WITH its parameters at DEBUG (password hashes, token
     hashes, signing keys): an application running at DEBUG must never see them."""
@@ -206,7 +242,14 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    def open(cls, spec: str | URL, *, pool_size: int = 10) -> Database:
+    def open(
+        cls,
+        spec: str | URL,
+        *,
+        pool_size: int = 10,
+        command_timeout: float | None = COMMAND_TIMEOUT_SECONDS,
+        ping_timeout: float = PING_TIMEOUT_SECONDS,
+    ) -> Database:
         url = spec if isinstance(spec, URL) else database_url(spec)
         backend = url.get_backend_name()
         _quiet_driver_loggers()
@@ -225,9 +268,17 @@ class Database:
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
-            pool_pre_ping=True,
             hide_parameters=True,
+            # A server that stops answering (frozen, a stuck pooler, a failover that moved the
+            # address: packets acknowledged, never answered, nothing closed) fails a
+            # connection or a statement as an outage instead of holding the request for good.
+            connect_args={"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": command_timeout},
         )
+        # Instead of SQLAlchemy's pool_pre_ping, which has no deadline of its own and, when the
+        # statement's runs out, fails the request instead of reconnecting: _ping_on_checkout.
+        event.listen(engine.sync_engine, "connect", _fresh_connection)
+        ping = functools.partial(_ping_on_checkout, timeout=ping_timeout)
+        event.listen(engine.sync_engine, "checkout", ping)
         return cls(engine, "postgresql", url)
 
     def driver_dsn(self) -> str:

@@ -18,13 +18,16 @@ those.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
 from proxy.db.engine import Database
 
-__all__ = ["INSTALL", "DatabaseBuckets"]
+__all__ = ["INSTALL", "TIMEOUT_SECONDS", "DatabaseBuckets"]
+
+T = TypeVar("T")
 
 #: Installed on PostgreSQL by migration 2 (``CREATE OR REPLACE``: a later migration may
 #: install a new version). Returns one row: the 1-based index of the check that refused (0:
@@ -118,16 +121,24 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     del connection
 
 
+#: The most an admission, a charge or a prune may take, connecting included (a server that
+#: stops answering must refuse the request with 503 promptly, not hold it).
+TIMEOUT_SECONDS = 5.0
+
+
 class DatabaseBuckets:
     """The ``rate_buckets`` of a PostgreSQL database, through connections of their own
     (asyncpg, each statement its own transaction): an admission is one round trip, not the
     four of a pooled SQLAlchemy transaction (checkout ping, BEGIN, statement, COMMIT)."""
 
-    def __init__(self, db: Database, *, pool_size: int = 4) -> None:
+    def __init__(
+        self, db: Database, *, pool_size: int = 4, timeout: float = TIMEOUT_SECONDS
+    ) -> None:
         if db.dialect != "postgresql":
             raise ValueError("rate limits kept in the database need PostgreSQL")
         self._dsn = db.driver_dsn()
         self._pool_size = pool_size
+        self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -139,18 +150,42 @@ class DatabaseBuckets:
                         self._dsn,
                         min_size=1,
                         max_size=self._pool_size,
-                        timeout=5,
+                        timeout=self._timeout,  # to connect
+                        command_timeout=self._timeout,
                         reset=_keep_session,
                     )
         return self._pool
+
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``statement`` on a pooled connection, all of it (connecting, waiting for a free
+        connection, the round trip, giving it back) within the timeout: TimeoutError past it.
+        A connection whose statement ran out of time is closed at once, not reset (its
+        server may never answer again, and a graceful reset would wait for it), and the
+        others are replaced before their next use (they likely reach the same server)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                pool = await self._connections()
+                conn = await pool.acquire()
+                try:
+                    return await statement(conn)
+                except (TimeoutError, asyncio.CancelledError):
+                    conn.terminate()
+                    raise
+                finally:
+                    await pool.release(conn)
+        except TimeoutError:
+            if self._pool is not None:
+                await self._pool.expire_connections()
+            raise
 
     async def admit(
         self, keys: Sequence[str], limits: Sequence[int], requests: Sequence[bool]
     ) -> tuple[int, float] | None:
         """Take a unit from every request bucket (``requests[i]``), or nothing if any bucket
         refuses: then the index of the one that refused and the seconds until it admits."""
-        pool = await self._connections()
-        row = await pool.fetchrow(_ADMIT, list(keys), list(limits), list(requests), timeout=5)
+        row = await self._run(
+            lambda conn: conn.fetchrow(_ADMIT, list(keys), list(limits), list(requests))
+        )
         refused, wait = int(row[0]), float(row[1])
         return (refused - 1, wait) if refused else None
 
@@ -158,22 +193,25 @@ class DatabaseBuckets:
         """Charge ``(key, limit, tokens)``; a key appears at most once."""
         if not charges:
             return
-        pool = await self._connections()
-        await pool.execute(
-            _CHARGE,
-            [c[0] for c in charges],
-            [c[1] for c in charges],
-            [c[2] for c in charges],
-            timeout=5,
+        await self._run(
+            lambda conn: conn.execute(
+                _CHARGE,
+                [c[0] for c in charges],
+                [c[1] for c in charges],
+                [c[2] for c in charges],
+            )
         )
 
     async def prune(self) -> int:
         """Delete the buckets that have refilled (they are the same as none); how many."""
-        pool = await self._connections()
-        status = await pool.execute(_PRUNE, timeout=5)
+        status = await self._run(lambda conn: conn.execute(_PRUNE))
         return int(status.rsplit(" ", 1)[-1])  # "DELETE n"
 
     async def close(self) -> None:
+        """Close the connections (at once, if the server does not answer in time)."""
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except TimeoutError:
+                pool.terminate()

@@ -136,6 +136,44 @@ def _now() -> float:
     return time.time()
 
 
+async def _migrate(db: Database) -> list[int]:
+    """Migrate ``db``; on PostgreSQL over a connection with no statement timeout: a
+    migration may rewrite a large table, and a replica starting meanwhile waits for the
+    migration lock as long as that takes."""
+    if db.dialect != "postgresql":
+        return await migrate(db)
+    patient = Database.open(db.url, pool_size=1, command_timeout=None)
+    try:
+        return await migrate(patient)
+    finally:
+        await patient.close()
+
+
+def _may_create_pat(role: str | None, wanted: frozenset[str], *, admin: bool) -> None:
+    """Refuse a PAT with ``wanted`` rights to someone of ``role`` in its domain (None: not a
+    member, to whom the domain does not exist unless a platform administrator)."""
+    if role is None:
+        if admin:
+            raise Forbidden("only members of the domain can create tokens for it")
+        raise NotFound("no such domain")
+    missing = wanted - ROLE_ACTIONS[role]
+    if missing:
+        raise Forbidden(f"your role does not allow: {', '.join(sorted(missing))}")
+
+
+def _foreign_key_violation(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is a row referring to one that is gone (PostgreSQL SQLSTATE 23503,
+    SQLite's FOREIGN KEY constraint), not a duplicate (23505, UNIQUE)."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(state, str) and state:
+        return state == "23503"
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str) and name:
+        return name == "SQLITE_CONSTRAINT_FOREIGNKEY"
+    return "FOREIGN KEY" in str(orig).upper()
+
+
 def _database_failure(exc: BaseException) -> str:
     """Why a database could not be used, in words that carry no secret (a driver's message
     may quote its connection string; its error class and an OS error's text do not)."""
@@ -203,7 +241,7 @@ class Identity:
                 f"cannot open the database {where}: {_database_failure(exc)}"
             ) from None
         try:
-            applied = await migrate(db)
+            applied = await _migrate(db)
             if applied:
                 log.info("database migrated", extra={"versions": applied})
             identity = cls(db, config, hashing=hashing)
@@ -659,24 +697,29 @@ class Identity:
         session_id = credentials.new_id()
         refresh = credentials.new_secret(credentials.REFRESH_PREFIX)
         refresh_expires = min(now + self.config.refresh_token_ttl, now + self.config.session_ttl)
-        async with self.db.write() as conn:
-            await conn.execute(
-                sa.insert(sessions).values(
-                    id=session_id,
-                    user_id=user_id,
-                    created_at=now,
-                    expires_at=now + self.config.session_ttl,
+        try:
+            async with self.db.write() as conn:
+                await conn.execute(
+                    sa.insert(sessions).values(
+                        id=session_id,
+                        user_id=user_id,
+                        created_at=now,
+                        expires_at=now + self.config.session_ttl,
+                    )
                 )
-            )
-            await conn.execute(
-                sa.insert(refresh_tokens).values(
-                    id=credentials.new_id(),
-                    session_id=session_id,
-                    token_hash=credentials.secret_hash(refresh),
-                    created_at=now,
-                    expires_at=refresh_expires,
+                await conn.execute(
+                    sa.insert(refresh_tokens).values(
+                        id=credentials.new_id(),
+                        session_id=session_id,
+                        token_hash=credentials.secret_hash(refresh),
+                        created_at=now,
+                        expires_at=refresh_expires,
+                    )
                 )
-            )
+        except IntegrityError:
+            # The account was deleted meanwhile (through another replica or connection): as
+            # for any login to an account that does not exist.
+            raise Unauthorized("invalid email or password", code="invalid_credentials") from None
         return TokenPair(
             access_token=self._access_token(user_id, session_id),
             expires_in=self.config.access_token_ttl,
@@ -728,7 +771,12 @@ class Identity:
                         )
                         .select_from(refresh_tokens.join(sessions).join(users))
                         .where(refresh_tokens.c.token_hash == digest)
-                        .with_for_update()
+                        # The refresh token's row only: locking its session and user too
+                        # (in that order) would deadlock with a password change or a
+                        # disable, which locks the user, then the sessions. A session
+                        # revoked just after this read keeps its revocation: the rotated
+                        # token is refused at its next use.
+                        .with_for_update(of=refresh_tokens)
                     )
                 )
                 .mappings()
@@ -1137,9 +1185,7 @@ class Identity:
         if access.role is None:
             raise Forbidden("only members of the domain can create tokens for it")
         wanted = check_actions(actions if actions is not None else ["inference"])
-        missing = wanted - ROLE_ACTIONS[access.role]
-        if missing:
-            raise Forbidden(f"your role does not allow: {', '.join(sorted(missing))}")
+        _may_create_pat(access.role, wanted, admin=principal.user.is_admin)
         model_list = check_models(models, allow_none=True)
         ttl = self._pat_ttl(expires_in)
         now = _now()
@@ -1156,20 +1202,30 @@ class Identity:
             revoked_at=None,
             last_used_at=None,
         )
-        async with self.db.write() as conn:
-            await conn.execute(
-                sa.insert(pats).values(
-                    id=pat.id,
-                    user_id=pat.user_id,
-                    domain_id=pat.domain_id,
-                    name=pat.name,
-                    token_hash=credentials.secret_hash(secret),
-                    actions=dump_list(pat.actions),
-                    models=None if model_list is None else dump_list(model_list),
-                    created_at=now,
-                    expires_at=pat.expires_at,
+        try:
+            async with self.db.write() as conn:
+                # Under the domain's lock, as membership changes: a removal in flight (it
+                # revokes the member's tokens) either ends before this check, which then
+                # refuses, or waits until this token exists, and then revokes it too.
+                await self._lock_domain(conn, access.domain.id)
+                # Checked again: the membership or the role may have changed since.
+                role = await self._locked_role(conn, access.domain.id, principal.user.id)
+                _may_create_pat(role, wanted, admin=principal.user.is_admin)
+                await conn.execute(
+                    sa.insert(pats).values(
+                        id=pat.id,
+                        user_id=pat.user_id,
+                        domain_id=pat.domain_id,
+                        name=pat.name,
+                        token_hash=credentials.secret_hash(secret),
+                        actions=dump_list(pat.actions),
+                        models=None if model_list is None else dump_list(model_list),
+                        created_at=now,
+                        expires_at=pat.expires_at,
+                    )
                 )
-            )
+        except IntegrityError:
+            raise NotFound("no such user") from None  # deleted meanwhile
         return pat, secret
 
     def _pat_ttl(self, expires_in: object) -> int | None:
@@ -1315,6 +1371,8 @@ class Identity:
                     )
                 )
         except IntegrityError as exc:
+            if _foreign_key_violation(exc):
+                raise NotFound("no such user") from None  # the owner was deleted meanwhile
             raise Conflict(
                 "a domain with this alias exists or existed (an alias is never given out again: "
                 "agents configured for it would accept the new domain's tokens)"
@@ -1422,44 +1480,57 @@ class Identity:
         domain_id = access.domain.id
         await self.get_user(user_id)
         now = _now()
-        async with self.db.write() as conn:
-            await self._lock_domain(conn, domain_id)
-            current = (
-                await conn.execute(
-                    sa.select(members.c.role)
-                    .where(members.c.domain_id == domain_id, members.c.user_id == user_id)
-                    .with_for_update()
-                )
-            ).scalar()
-            if (role_ == "owner" or current == "owner") and not may_own:
-                raise Forbidden(
-                    "only an owner (logged in, not with a token) or a platform administrator "
-                    "can grant or change the owner role"
-                )
-            if current == "owner" and role_ != "owner":
-                await self._keep_an_owner(conn, domain_id, user_id)
-            if current is None:
-                await conn.execute(
-                    sa.insert(members).values(
-                        domain_id=domain_id, user_id=user_id, role=role_, created_at=now
+        try:
+            async with self.db.write() as conn:
+                await self._lock_domain(conn, domain_id)
+                current = await self._locked_role(conn, domain_id, user_id)
+                if (role_ == "owner" or current == "owner") and not may_own:
+                    raise Forbidden(
+                        "only an owner (logged in, not with a token) or a platform "
+                        "administrator can grant or change the owner role"
                     )
-                )
-            elif current != role_:
-                await conn.execute(
-                    sa.update(members)
-                    .where(members.c.domain_id == domain_id, members.c.user_id == user_id)
-                    .values(role=role_)
-                )
+                if current == "owner" and role_ != "owner":
+                    await self._keep_an_owner(conn, domain_id, user_id)
+                if current is None:
+                    await conn.execute(
+                        sa.insert(members).values(
+                            domain_id=domain_id, user_id=user_id, role=role_, created_at=now
+                        )
+                    )
+                elif current != role_:
+                    await conn.execute(
+                        sa.update(members)
+                        .where(members.c.domain_id == domain_id, members.c.user_id == user_id)
+                        .values(role=role_)
+                    )
+        except IntegrityError:
+            raise NotFound("no such user") from None  # deleted meanwhile
         self._invalidate()
         return await self.get_member(domain_id, user_id)
 
     async def _lock_domain(self, conn: Any, domain_id: str) -> None:
         """Serialise the membership changes of one domain on its row: two owners demoting
         themselves at once, or two adds of one user, wait for each other instead of
-        deadlocking or failing on the primary key (PostgreSQL; SQLite writes one at a time)."""
-        await conn.execute(
-            sa.select(domains.c.id).where(domains.c.id == domain_id).with_for_update()
-        )
+        deadlocking or failing on the primary key (PostgreSQL; SQLite writes one at a time).
+        NotFound if the domain is gone (deleted meanwhile, maybe through another replica)."""
+        found = (
+            await conn.execute(
+                sa.select(domains.c.id).where(domains.c.id == domain_id).with_for_update()
+            )
+        ).first()
+        if found is None:
+            raise NotFound("no such domain")
+
+    async def _locked_role(self, conn: Any, domain_id: str, user_id: str) -> str | None:
+        """``user_id``'s role in ``domain_id``, its membership row locked (None: no member)."""
+        role = (
+            await conn.execute(
+                sa.select(members.c.role)
+                .where(members.c.domain_id == domain_id, members.c.user_id == user_id)
+                .with_for_update()
+            )
+        ).scalar()
+        return None if role is None else str(role)
 
     async def _keep_an_owner(
         self,
@@ -1486,13 +1557,7 @@ class Identity:
         domain_id = access.domain.id
         async with self.db.write() as conn:
             await self._lock_domain(conn, domain_id)
-            current = (
-                await conn.execute(
-                    sa.select(members.c.role)
-                    .where(members.c.domain_id == domain_id, members.c.user_id == user_id)
-                    .with_for_update()
-                )
-            ).scalar()
+            current = await self._locked_role(conn, domain_id, user_id)
             if current is None:
                 raise NotFound("no such member")
             if current == "owner":

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from proxy.db import notify
 from proxy.directory import AuthError
 from proxy.identity import Identity
 from proxy.identity.models import Pat
 from tests.proxy.conftest import PgServer, identity_config, run
 from tests.proxy.processes import ProxyProcess
 from tests.proxy.test_pats import _setup
+from tests.proxy.test_replica_outages import FreezingRelay
 from tests.proxy.test_workers import _statuses
 
 pytestmark = pytest.mark.slow
@@ -42,11 +44,12 @@ Replicas = tuple[Identity, Identity, dict[str, Any], Pat, str]
 
 
 @contextlib.asynccontextmanager
-async def two_replicas(url: str) -> AsyncIterator[Replicas]:
-    """Two Identity layers over a new database (caches of a minute); a domain and a PAT, made
-    through the first and authenticated (so cached) by both."""
+async def two_replicas(url: str, second_url: str | None = None) -> AsyncIterator[Replicas]:
+    """Two Identity layers over a new database (caches of a minute; the second reaching it
+    at ``second_url`` if given); a domain and a PAT, made through the first and
+    authenticated (so cached) by both."""
     first = await Identity.open(identity_config(url, auth_cache_seconds=60))
-    second = await Identity.open(identity_config(url, auth_cache_seconds=60))
+    second = await Identity.open(identity_config(second_url or url, auth_cache_seconds=60))
     try:
         env = await _setup(first)
         pat, secret = await first.create_pat(env["member"], "acme", name="ci")
@@ -95,6 +98,64 @@ def test_a_listener_that_lost_its_connection_reconnects_and_forgets(postgres: Pg
             await first.revoke_pat(env["member"], pat.id)
             # ...but it forgets its cache once it is back, so the token is refused.
             assert await _refused_within(second, secret, 10.0) < 10.0
+
+    run(main())
+
+
+def test_a_listener_that_stopped_answering_is_noticed_and_reconnects(
+    postgres: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listening connection that dies without a word (its packets acknowledged, never
+    answered, nothing closed: a frozen server, a cut that sends no reset) is found out by
+    the listener's ping, dropped and replaced; the replica forgets its cache once back, so
+    a token revoked meanwhile is refused in seconds, not when the cache expires."""
+    monkeypatch.setattr(notify, "PING_INTERVAL_SECONDS", 0.5)
+    monkeypatch.setattr(notify, "PING_TIMEOUT_SECONDS", 1.0)
+    url = postgres.create_database()
+    name = url.rsplit("/", 1)[1]
+
+    async def main() -> None:
+        with FreezingRelay(postgres.port) as relay:
+            async with two_replicas(url, relay.url(postgres, name)) as replicas:
+                first, second, env, pat, secret = replicas
+                assert relay.freeze(listening=True) == 1
+                try:
+                    await first.revoke_pat(env["member"], pat.id)
+                    assert await _refused_within(second, secret, 10.0) < 10.0
+                finally:
+                    relay.cut()
+
+    run(main())
+
+
+def test_a_notice_the_listening_connection_cannot_send_goes_another_way(
+    postgres: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notice that times out on the listening connection is sent through the database's
+    pooled connections instead (the change is committed: the others must hear of it), and
+    the silent listening connection is replaced."""
+    monkeypatch.setattr(notify, "PING_INTERVAL_SECONDS", 1000.0)  # no ping: the send finds out
+    monkeypatch.setattr(notify, "SEND_TIMEOUT_SECONDS", 1.0)
+    url = postgres.create_database()
+    name = url.rsplit("/", 1)[1]
+
+    async def main() -> None:
+        with FreezingRelay(postgres.port) as relay:
+            async with two_replicas(url, relay.url(postgres, name)) as replicas:
+                first, second, env, pat, secret = replicas
+                notices = second._notices
+                assert notices is not None
+                frozen = notices._conn
+                assert relay.freeze(listening=True) == 1
+                try:
+                    await second.revoke_pat(env["member"], pat.id)
+                    assert await _refused_within(first, secret, 10.0) < 10.0
+                    deadline = time.monotonic() + 10
+                    while notices._conn in (None, frozen) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    assert notices._conn not in (None, frozen)
+                finally:
+                    relay.cut()
 
     run(main())
 
