@@ -514,7 +514,9 @@ async def update_domain(request: web.Request) -> web.Response:
     access.require("manage_domain")
     body = await _body(request)
     _only(body, {"name"})
-    await _identity(request).update_domain(access.domain.id, name=body.get("name"))
+    if "name" not in body:
+        raise Invalid("nothing to change (give a name)")  # a PATCH of {} wiped the name
+    await _identity(request).update_domain(access.domain.id, name=body["name"])
     await _audit_admin(request, principal, access.domain.id, 200, "domain renamed")
     access = await _access(request, principal)
     return web.json_response(_domain_json(access))
@@ -563,6 +565,7 @@ async def add_member(request: web.Request) -> web.Response:
         user_id=user_id,
         role=body.get("role", "member"),
         platform_admin=_platform_admin(principal),
+        adding=True,
     )
     await _audit_admin(
         request, principal, access.domain.id, 201, f"member {user_id} set to {member.role}"

@@ -149,6 +149,17 @@ async def _migrate(db: Database) -> list[int]:
         await patient.close()
 
 
+def _within_token_rights(access: DomainAccess, role: str, what: str) -> None:
+    """Through a PAT, a member with a role whose rights exceed the token's own cannot be made
+    (nor changed or removed): a leaked token with ``manage_members`` alone must not mint an
+    admin, who could then point the domain's policy and backends at an agent of their own."""
+    if access.by_token and ROLE_ACTIONS[role] - access.actions:
+        raise Forbidden(
+            f"this token may not {what} a member with the role {role!r}: the role's rights "
+            "exceed the token's own (use a login, or a token holding those rights)"
+        )
+
+
 def _may_create_pat(role: str | None, wanted: frozenset[str], *, admin: bool) -> None:
     """Refuse a PAT with ``wanted`` rights to someone of ``role`` in its domain (None: not a
     member, to whom the domain does not exist unless a platform administrator)."""
@@ -1471,11 +1482,18 @@ class Identity:
         raise NotFound("no such member")
 
     async def set_member(
-        self, access: DomainAccess, *, user_id: str, role: object, platform_admin: bool
+        self,
+        access: DomainAccess,
+        *,
+        user_id: str,
+        role: object,
+        platform_admin: bool,
+        adding: bool = False,
     ) -> Member:
-        """Add a member or change a member's role."""
+        """Add a member (``adding``: Conflict if already one) or change a member's role."""
         role_ = check_role(role)
         access.require("manage_members")
+        _within_token_rights(access, role_, "grant")
         may_own = access.is_owner or platform_admin
         domain_id = access.domain.id
         await self.get_user(user_id)
@@ -1484,10 +1502,17 @@ class Identity:
             async with self.db.write() as conn:
                 await self._lock_domain(conn, domain_id)
                 current = await self._locked_role(conn, domain_id, user_id)
+                if current is not None:
+                    _within_token_rights(access, current, "change the role of")
                 if (role_ == "owner" or current == "owner") and not may_own:
                     raise Forbidden(
                         "only an owner (logged in, not with a token) or a platform "
                         "administrator can grant or change the owner role"
+                    )
+                if adding and current is not None:
+                    raise Conflict(
+                        f"already a member of this domain, as {current} (change the role "
+                        "with PUT .../members/{user_id})"
                     )
                 if current == "owner" and role_ != "owner":
                     await self._keep_an_owner(conn, domain_id, user_id)
@@ -1560,6 +1585,7 @@ class Identity:
             current = await self._locked_role(conn, domain_id, user_id)
             if current is None:
                 raise NotFound("no such member")
+            _within_token_rights(access, current, "remove")
             if current == "owner":
                 if not (access.is_owner or platform_admin):
                     raise Forbidden(

@@ -55,23 +55,59 @@ def test_a_pat_never_carries_the_owners_own_powers(admin_server: AdminServer) ->
     _domain(server, admin, "acme", owner)
     login = server.token("owner@x.com", PASSWORD)
     pat = _pat(server, login, "acme", ["inference", "manage_members"])
+    full = _pat(
+        server,
+        login,
+        "acme",
+        ["inference", "read_audit", "manage_members", "manage_backends", "manage_domain"],
+    )
 
-    # The PAT manages members...
-    added = server.request(
+    # A PAT with manage_members alone adds members, but grants no role with rights beyond its
+    # own: an admin it made could point the domain's policy and backends at an agent of its
+    # own. Nor can it change or remove a member whose role exceeds its rights.
+    refused = server.request(
         "POST", "/admin/domains/acme/members", {"user_id": other, "role": "admin"}, token=pat
     )
+    assert refused.status == 403, refused.body
+    added = server.request(
+        "POST", "/admin/domains/acme/members", {"user_id": other, "role": "member"}, token=pat
+    )
     assert added.status == 201, added.body
-    # ...but cannot make anyone owner, demote or remove the owner, or delete the domain.
+    again = server.request(
+        "POST", "/admin/domains/acme/members", {"user_id": other, "role": "member"}, token=pat
+    )
+    assert again.status == 409, again.body  # an add is no silent role change
+    assert (
+        server.request(
+            "PUT", f"/admin/domains/acme/members/{other}", {"role": "admin"}, token=pat
+        ).status
+        == 403
+    )
+    # A PAT holding every right an admin has may make one.
+    promoted = server.request(
+        "PUT", f"/admin/domains/acme/members/{other}", {"role": "admin"}, token=full
+    )
+    assert promoted.status == 200, promoted.body
     for method, path, body in [
-        ("PUT", f"/admin/domains/acme/members/{other}", {"role": "owner"}),
-        ("POST", "/admin/domains/acme/members", {"user_id": other, "role": "owner"}),
-        ("PUT", f"/admin/domains/acme/members/{owner}", {"role": "member"}),
-        ("DELETE", f"/admin/domains/acme/members/{owner}", None),
-        ("DELETE", "/admin/domains/acme", None),
+        ("PUT", f"/admin/domains/acme/members/{other}", {"role": "member"}),
+        ("DELETE", f"/admin/domains/acme/members/{other}", None),
     ]:
         reply = server.request(method, path, body, token=pat)
         assert reply.status == 403, (method, path, reply.body)
+    # No PAT makes anyone owner, demotes or removes the owner, or deletes the domain.
+    for token in (pat, full):
+        for method, path, body in [
+            ("PUT", f"/admin/domains/acme/members/{other}", {"role": "owner"}),
+            ("POST", "/admin/domains/acme/members", {"user_id": other, "role": "owner"}),
+            ("PUT", f"/admin/domains/acme/members/{owner}", {"role": "member"}),
+            ("DELETE", f"/admin/domains/acme/members/{owner}", None),
+            ("DELETE", "/admin/domains/acme", None),
+        ]:
+            reply = server.request(method, path, body, token=token)
+            assert reply.status == 403, (method, path, reply.body)
     assert _roles(server, admin, "acme") == {owner: "owner", other: "admin"}
+    # Renaming needs a name: an empty PATCH wiped it.
+    assert server.request("PATCH", "/admin/domains/acme", {}, token=login).status == 400
     # The same owner, logged in, can.
     promoted = server.request(
         "PUT", f"/admin/domains/acme/members/{other}", {"role": "owner"}, token=login
@@ -330,11 +366,11 @@ def test_concurrent_changes_keep_an_owner_and_an_admin_without_failing(
         )
         assert sorted(statuses) == [200, 409], statuses
         assert list(_roles(server, admin, "dd").values()).count("owner") == 1
-    # One new member added four times at once: added once, the others change nothing.
+    # One new member added four times at once: added once, the others told it is one.
     for i in range(3):
         user = _user(server, admin, f"n{i}@x.com")
         add = (_as(server, admin), "POST", "/admin/domains/dd/members", {"user_id": user})
-        assert _together(add, add, add, add) == [201] * 4
+        assert sorted(_together(add, add, add, add)) == [201, 409, 409, 409]
         assert _roles(server, admin, "dd")[user] == "member"
     # The only two administrators delete each other at once: one at most goes.
     other = _user(server, admin, "other-admin@x.com", is_admin=True)
