@@ -25,6 +25,7 @@ from agent.metrics import METRICS
 from agent.principal import Principal
 from tests.agent.backends import PROMPT_TOKENS, FakeOpenAI, Gate, serving
 from tests.agent.conftest import RunningAgent, StartAgent
+from tests.rawhttp import post_raw
 
 CHAT = "/v1/chat/completions"
 
@@ -705,22 +706,18 @@ def test_every_content_encoding_header_counts(agent: RunningAgent, backend: Fake
     """``identity`` then ``gzip`` in two headers is an encoded body (only the first was read,
     and the second reached the backend)."""
     body = chat_body()
-    conn = agent.connection()
-    try:
-        conn.putrequest("POST", CHAT)
-        for name, value in (
+    status, answer = post_raw(
+        agent.connection(),
+        CHAT,
+        [
             ("Authorization", f"Bearer {agent.token()}"),
             ("Content-Type", "application/json"),
             ("Content-Encoding", "identity"),
             ("Content-Encoding", "gzip"),
-            ("Content-Length", str(len(body))),
-        ):
-            conn.putheader(name, value)
-        conn.endheaders(body)
-        reply = conn.getresponse()
-        assert reply.status == 415, reply.read()
-    finally:
-        conn.close()
+        ],
+        body,
+    )
+    assert status == 415, answer
     assert backend.requests_to(CHAT) == []
     # "identity" is no encoding: served, and no Content-Encoding reaches the backend.
     ok = agent.request(

@@ -34,6 +34,7 @@ from tests.proxy.harness import (  # noqa: F401 - fixtures
     sim_policy,
 )
 from tests.proxy.test_audit import _row
+from tests.rawhttp import post_raw
 
 
 def test_a_model_name_no_store_can_hold_is_refused(
@@ -342,22 +343,18 @@ def test_every_content_encoding_header_counts(
     dom = one_domain(directory, agents)
     server = proxy()
     body = json.dumps({"model": "cube-tiny", "messages": []}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        conn.putrequest("POST", f"/{dom.alias}/v1/chat/completions")
-        for name, value in (
+    status, answer = post_raw(
+        http.client.HTTPConnection("127.0.0.1", server.port, timeout=30),
+        f"/{dom.alias}/v1/chat/completions",
+        [
             ("Authorization", f"Bearer {dom.pat}"),
             ("Content-Type", "application/json"),
             ("Content-Encoding", "identity"),
             ("Content-Encoding", "gzip"),
-            ("Content-Length", str(len(body))),
-        ):
-            conn.putheader(name, value)
-        conn.endheaders(body)
-        reply = conn.getresponse()
-        assert reply.status == 415, reply.read()
-    finally:
-        conn.close()
+        ],
+        body,
+    )
+    assert status == 415, answer
     assert fake_openai.received == []
     # "identity" however it is spelled is no encoding.
     ok = server.request(

@@ -121,30 +121,21 @@ def test_a_token_created_while_its_domain_is_deleted_is_not_found(postgres: PgSe
     with_identity(postgres, body)
 
 
-def test_a_member_added_while_the_user_is_deleted_is_not_found(postgres: PgServer) -> None:
+@pytest.mark.parametrize(
+    ("deleted", "statement"),
+    [("user", _DELETE_USER), ("domain", _DELETE_DOMAIN)],
+)
+def test_a_member_added_while_the_user_or_domain_is_deleted_is_not_found(
+    postgres: PgServer, deleted: str, statement: str
+) -> None:
     async def body(identity: Identity, url: str) -> None:
         env = await _setup(identity)
         access = await identity.domain_access(env["owner"], "acme")
+        target = env["stranger_id"] if deleted == "user" else env["acme"].id
         with pytest.raises(NotFound):
             await race(
                 url,
-                [(_DELETE_USER, env["stranger_id"])],
-                lambda: identity.set_member(
-                    access, user_id=env["stranger_id"], role="member", platform_admin=False
-                ),
-            )
-
-    with_identity(postgres, body)
-
-
-def test_a_member_added_while_the_domain_is_deleted_is_not_found(postgres: PgServer) -> None:
-    async def body(identity: Identity, url: str) -> None:
-        env = await _setup(identity)
-        access = await identity.domain_access(env["owner"], "acme")
-        with pytest.raises(NotFound):
-            await race(
-                url,
-                [(_DELETE_DOMAIN, env["acme"].id)],
+                [(statement, target)],
                 lambda: identity.set_member(
                     access, user_id=env["stranger_id"], role="member", platform_admin=False
                 ),
