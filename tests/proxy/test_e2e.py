@@ -161,7 +161,9 @@ def test_openai_sdk_through_cube_proxy_with_audit_and_isolation(
         )
         assert streamed == "Hello, world!"
     with sdk(proxy, "/v1", alice_pat["token"]) as client:  # a PAT names its domain itself
-        assert [m.id for m in client.models.list()] == ["cube-tiny", "other-model"]
+        # What the proxy routes to the domain's agent (registered for cube-tiny), not all its
+        # backend has (also other-model): a listed model is one a request may use.
+        assert [m.id for m in client.models.list()] == ["cube-tiny"]
         completion = client.chat.completions.create(model="cube-tiny", messages=MESSAGES)
         assert completion.usage is not None and completion.usage.prompt_tokens == 11
     # The caller's credentials never reach the agent's backend; the prompt does, unchanged.
