@@ -59,6 +59,7 @@ from agent.app import CONFIG
 from agent.config import AgentConfig
 from agent.metrics import METRICS, AgentMetrics
 from agent.principal import PRINCIPAL, Principal
+from cube._http import is_content_encoded
 from cube_client.e2e import SSE_DONE, split_records
 
 __all__ = [
@@ -594,8 +595,7 @@ BODY_READ_SECONDS = 60.0
 
 async def read_body(request: web.Request, config: AgentConfig) -> bytes:
     """The request body, refusing more than ``max_body_bytes`` with a 413 (a JSON error)."""
-    encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
-    if any(value.strip().lower() not in ("identity", "") for value in encodings):
+    if is_content_encoded(request.headers):
         # Decoded here, the body would reach the backend under a header that no longer fits
         # it; undecodable, it failed as a 500. No client of these APIs compresses requests.
         raise BackendError(

@@ -58,10 +58,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from attestation.errors import AttestationError
 from attestation.policy import load_policy
+from cube._http import BodyTooLarge as TooLong
+from cube._http import is_content_encoded, read_stream_at_most
 from proxy.db.engine import is_unavailable
 from proxy.directory import AuditRecord, BackendSpec
 from proxy.gateway.errors import DATABASE_UNAVAILABLE
@@ -205,17 +207,12 @@ MAX_ADMIN_BODY = 1024 * 1024
 
 
 async def _read_bounded(request: web.Request) -> bytes:
-    too_large = BodyTooLarge(f"the request body exceeds the admin API's {MAX_ADMIN_BODY} bytes")
-    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > MAX_ADMIN_BODY:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_stream_at_most(request.content, MAX_ADMIN_BODY, request.content_length)
+    except TooLong:
+        raise BodyTooLarge(
+            f"the request body exceeds the admin API's {MAX_ADMIN_BODY} bytes"
+        ) from None
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -225,8 +222,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def _raw_body(request: web.Request) -> bytes:
-    encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
-    if any(value.strip().lower() not in ("identity", "") for value in encodings):
+    if is_content_encoded(request.headers):
         raise UnsupportedEncoding("request bodies must not be content-encoded")
     return await _read_bounded(request)
 

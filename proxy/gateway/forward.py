@@ -36,6 +36,7 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, MultiMapping
 
+from cube._http import is_content_encoded
 from proxy.directory import RESERVED_ALIASES, AuditRecord, AuthError, Caller, DomainLimits
 from proxy.gateway.agents import Agent, AgentFailure, Trust
 from proxy.gateway.attest import LoadedPolicy
@@ -960,8 +961,7 @@ async def prepare(
         )
     ex.caller = caller = await _authenticate(gw, inc, alias)
     _require_inference(gw, caller)
-    encodings = inc.headers.getall(hdrs.CONTENT_ENCODING, ())
-    if any(value.strip().lower() not in ("identity", "") for value in encodings):
+    if is_content_encoded(inc.headers):
         # Its model could not be read (so not checked against the credential's scope), and
         # the agent refuses encoded bodies anyway.
         raise GatewayError(
